@@ -1,0 +1,377 @@
+//! The command line: `soulbox langs`, `soulbox run`, `soulbox serve`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use soulbox_runtime::{ExecEvent, ExecRequest, Language, Limits, SandboxSpec, TierPreference};
+
+use crate::app::{App, default_data_dir};
+
+/// Exit code for a usage or setup error (bad flags, unknown language, missing pack).
+const EXIT_USAGE: u8 = 2;
+/// Exit code when SoulBox itself failed.
+const EXIT_INTERNAL: u8 = 70;
+
+/// SoulBox runs untrusted code: Python, JavaScript and Ruby in WebAssembly, native toolchains in
+/// Linux namespaces, behind an E2B-compatible API.
+#[derive(Debug, Parser)]
+#[command(name = "soulbox", version, propagate_version = true, after_help = EXAMPLES)]
+struct Cli {
+    /// Where packs, caches and sandboxes live.
+    #[arg(long, global = true, env = "SOULBOX_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  soulbox langs install                 install every language pack
+  soulbox run --lang python -c 'print(6 * 7)'
+  soulbox run --lang js script.js --json
+  soulbox serve --listen 127.0.0.1:3000";
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install and list language packs.
+    #[command(subcommand)]
+    Langs(LangsCommand),
+    /// Run code in a fresh sandbox and print what it prints; exits with the code's exit code.
+    Run(RunArgs),
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LangsCommand {
+    /// Fetch, verify, pre-initialise and precompile packs (all when none are named).
+    Install {
+        /// Languages to install: python, javascript, ruby.
+        languages: Vec<String>,
+    },
+    /// Show every known pack and whether it is installed.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox run --lang python -c 'import numpy; numpy.arange(5).sum()'
+  soulbox run --lang ruby hello.rb
+  echo 'console.log(1)' > a.js && soulbox run --lang js a.js --json")]
+struct RunArgs {
+    /// The language: python, javascript (js), ruby (rb).
+    #[arg(long, short = 'l')]
+    lang: String,
+    /// The code to run.
+    #[arg(short = 'c', value_name = "CODE", conflicts_with = "file")]
+    code: Option<String>,
+    /// A file with the code to run.
+    #[arg(value_name = "FILE", required_unless_present = "code")]
+    file: Option<PathBuf>,
+    /// Print one JSON object with the result instead of streaming the output.
+    #[arg(long)]
+    json: bool,
+    /// Wall-clock limit in milliseconds.
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+    /// Memory limit in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// Environment variables, as KEY=VALUE.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Which tier to use.
+    #[arg(long, value_enum, default_value = "auto")]
+    tier: TierArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TierArg {
+    Auto,
+    Wasm,
+    Native,
+}
+
+fn parse_env(pair: &str) -> Result<(String, String), String> {
+    pair.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{pair}` is not KEY=VALUE"))
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000", env = "SOULBOX_LISTEN")]
+    listen: SocketAddr,
+    /// Do not install missing language packs at start.
+    #[arg(long)]
+    no_install: bool,
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SOULBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("soulbox: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    match runtime.block_on(dispatch(cli.command, data_dir)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("soulbox: {error:#}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let app = App::open(&data_dir)?;
+    match command {
+        Command::Langs(LangsCommand::Install { languages }) => install(&app, &languages).await,
+        Command::Langs(LangsCommand::List { json }) => list(&app, json),
+        Command::Run(args) => run(&app, args).await,
+        Command::Serve(args) => serve(app, args).await,
+    }
+}
+
+/// Draws one spinner per pack being installed.
+#[derive(Debug)]
+struct Progress {
+    bars: indicatif::MultiProgress,
+    by_language: std::sync::Mutex<std::collections::HashMap<Language, indicatif::ProgressBar>>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self { bars: indicatif::MultiProgress::new(), by_language: Default::default() }
+    }
+}
+
+impl soulbox_wasm::pack::InstallProgress for Progress {
+    fn step(&self, language: &Language, step: soulbox_wasm::pack::InstallStep) {
+        use soulbox_wasm::pack::InstallStep;
+        let mut bars = self.by_language.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bar = bars.entry(language.clone()).or_insert_with(|| {
+            let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
+            let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<11} [{elapsed:>4}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            bar.set_style(style);
+            bar.set_prefix(language.to_string());
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        let message = match step {
+            InstallStep::Downloading => "downloading with the registry's client",
+            InstallStep::Verifying => "verifying sha256 sums and unpacking",
+            InstallStep::PreInitialising => "pre-initialising the interpreter (Python: about 2 minutes)",
+            InstallStep::Compiling => "compiling the image to machine code",
+            InstallStep::Installed => {
+                bar.finish_with_message("installed");
+                return;
+            }
+        };
+        bar.set_message(message);
+    }
+}
+
+async fn install(app: &App, languages: &[String]) -> anyhow::Result<ExitCode> {
+    let manifest = soulbox_wasm::pack::manifest();
+    let mut specs = Vec::new();
+    for name in languages {
+        let language = Language::parse(name);
+        match manifest.iter().find(|p| p.language == language) {
+            Some(spec) => specs.push(spec.clone()),
+            None => {
+                let known: Vec<&str> = manifest.iter().map(|p| p.language.as_str()).collect();
+                eprintln!("soulbox: no pack for `{name}`; known languages: {}", known.join(", "));
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        }
+    }
+    if specs.is_empty() {
+        specs = manifest;
+    }
+    let progress = Progress::new();
+    let mut failed = false;
+    for spec in &specs {
+        if let Err(error) = app.wasm().install(spec, &progress).await {
+            eprintln!("soulbox: {}: {error}", spec.language);
+            failed = true;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
+    let rows: Vec<serde_json::Value> = soulbox_wasm::pack::manifest()
+        .into_iter()
+        .map(|spec| {
+            let installed = soulbox_wasm::pack::installed(app.data_dir(), &spec.language);
+            serde_json::json!({
+                "language": spec.language,
+                "installed": installed.is_some(),
+                "package": spec.package,
+                "version": spec.version,
+                "registry": spec.registry,
+                "runtime": spec.runtime,
+                "install_command": soulbox_wasm::pack::install_command(&spec.language),
+            })
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "{:<11} {:<14} {:<24} {:<9} RUNTIME", "LANGUAGE", "STATUS", "PACKAGE", "VERSION")?;
+    for row in &rows {
+        let status = if row["installed"] == true { "installed" } else { "not installed" };
+        writeln!(
+            out,
+            "{:<11} {:<14} {:<24} {:<9} {}",
+            row["language"].as_str().unwrap_or_default(),
+            status,
+            row["package"].as_str().unwrap_or_default(),
+            row["version"].as_str().unwrap_or_default(),
+            row["runtime"].as_str().unwrap_or_default(),
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(app: &App, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let code = match (&args.code, &args.file) {
+        (Some(code), _) => code.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+        (None, None) => unreachable!("clap requires CODE or FILE"),
+    };
+    let mut limits = Limits::default();
+    if let Some(ms) = args.timeout_ms {
+        limits.wall_timeout = Duration::from_millis(ms);
+    }
+    if let Some(mib) = args.memory_mib {
+        limits.memory_bytes = mib.saturating_mul(1 << 20);
+    }
+    let request = ExecRequest {
+        kind: soulbox_runtime::ExecKind::Cell { language: Language::parse(&args.lang), code },
+        env: args.env.into_iter().collect(),
+        limits,
+        tier: match args.tier {
+            TierArg::Auto => TierPreference::Auto,
+            TierArg::Wasm => TierPreference::Wasm,
+            TierArg::Native => TierPreference::Native,
+        },
+    };
+    let sandbox = app.ephemeral_sandbox(SandboxSpec::default())?;
+    let execution = match app.dispatcher().start(sandbox.clone(), request) {
+        Ok(execution) => execution,
+        Err(error) => {
+            app.discard(&sandbox).await;
+            eprintln!("soulbox: {error}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let exit = if args.json { print_json(execution).await? } else { stream(execution).await? };
+    app.discard(&sandbox).await;
+    Ok(exit)
+}
+
+async fn print_json(execution: soulbox_runtime::Execution) -> anyhow::Result<ExitCode> {
+    let output = execution.collect().await;
+    println!("{}", serde_json::to_string_pretty(&output)?);
+    Ok(match (&output.failure, output.exit_code) {
+        (Some(_), _) | (None, None) => ExitCode::from(EXIT_INTERNAL),
+        (None, Some(code)) => exit_code(code),
+    })
+}
+
+async fn stream(mut execution: soulbox_runtime::Execution) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    while let Some(event) = execution.next_event().await {
+        match event {
+            ExecEvent::Stdout(bytes) => {
+                stdout.write_all(&bytes)?;
+                stdout.flush()?;
+            }
+            ExecEvent::Stderr(bytes) => {
+                stderr.write_all(&bytes)?;
+                stderr.flush()?;
+            }
+            ExecEvent::Result(result) => {
+                if result.is_main_result {
+                    if let Some(text) = result.data.get("text/plain") {
+                        writeln!(stdout, "{text}")?;
+                    }
+                }
+            }
+            ExecEvent::Error(error) => {
+                let traceback = if error.traceback.is_empty() {
+                    format!("{}: {}", error.name, error.value)
+                } else {
+                    error.traceback
+                };
+                writeln!(stderr, "{}", traceback.trim_end())?;
+            }
+            ExecEvent::End(summary) => {
+                if !matches!(summary.termination, soulbox_runtime::Termination::Exited { .. }) {
+                    writeln!(stderr, "soulbox: {}", summary.termination)?;
+                }
+                return Ok(exit_code(summary.termination.exit_code()));
+            }
+            ExecEvent::Failed(message) => {
+                writeln!(stderr, "soulbox: {message}")?;
+                return Ok(ExitCode::from(EXIT_INTERNAL));
+            }
+        }
+    }
+    Ok(ExitCode::from(EXIT_INTERNAL))
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.rem_euclid(256)).unwrap_or(1))
+}
+
+async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if !args.no_install {
+        let missing: Vec<_> = soulbox_wasm::pack::manifest()
+            .into_iter()
+            .filter(|spec| app.wasm().pack(&spec.language).is_none())
+            .collect();
+        if !missing.is_empty() {
+            tracing::info!(count = missing.len(), "installing missing language packs (first start only)");
+            let progress = Progress::new();
+            for spec in &missing {
+                if let Err(error) = app.wasm().install(spec, &progress).await {
+                    tracing::error!(language = %spec.language, %error, "could not install a pack; serving without it");
+                }
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(address = %args.listen, data_dir = %app.data_dir().display(), "soulbox is serving");
+    crate::server::serve(listener, app).await?;
+    Ok(ExitCode::SUCCESS)
+}

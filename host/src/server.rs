@@ -1,0 +1,192 @@
+//! The HTTP API of `soulbox serve`. Handlers are thin: they parse, call the runtime, and
+//! encode what it streams back.
+//!
+//! - `GET /health`: liveness, the tiers and the languages with their status.
+//! - `POST /v1/run`: `{"language", "code", "limits"?, "env"?, "stream"?}` runs a cell in a
+//!   fresh sandbox. The answer is one JSON object (the shape of `soulbox run --json`), or with
+//!   `"stream": true` a stream of JSON lines, one per event, the last of type `end`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use soulbox_runtime::{
+    DispatchError, ExecEvent, ExecRequest, Language, Limits, MAX_CODE_BYTES, SandboxSpec, TierPreference,
+};
+use tokio::sync::mpsc;
+
+use crate::app::App;
+
+/// The largest request body accepted: room for the largest code plus JSON escaping.
+pub const MAX_REQUEST_BODY_BYTES: usize = 4 * MAX_CODE_BYTES;
+
+/// The router of the API.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/run", post(run))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .with_state(app)
+}
+
+/// An API error: a status and a stable JSON body `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(error: DispatchError) -> Self {
+        let (status, code) = match &error {
+            DispatchError::UnknownLanguage { .. } => (StatusCode::BAD_REQUEST, "unknown_language"),
+            DispatchError::LanguageNotInstalled { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "language_not_installed")
+            }
+            DispatchError::TierCannotRun { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "tier_unavailable"),
+            DispatchError::CodeTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "code_too_large"),
+            DispatchError::InvalidLimits(_) => (StatusCode::BAD_REQUEST, "invalid_limits"),
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+async fn health(State(app): State<App>) -> Json<serde_json::Value> {
+    let languages: Vec<_> = app
+        .dispatcher()
+        .languages()
+        .into_iter()
+        .map(|(tier, support)| json!({ "language": support.language, "tier": tier, "status": support.status }))
+        .collect();
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "tiers": app.dispatcher().tiers(),
+        "languages": languages,
+    }))
+}
+
+/// The body of `POST /v1/run`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRequest {
+    language: String,
+    code: String,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    tier: TierPreference,
+    #[serde(default)]
+    stream: bool,
+}
+
+async fn run(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
+    let request: RunRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    if request.code.len() > MAX_CODE_BYTES {
+        return Err(DispatchError::CodeTooLarge { size: request.code.len(), max: MAX_CODE_BYTES }.into());
+    }
+    let exec = ExecRequest {
+        kind: soulbox_runtime::ExecKind::Cell { language: Language::parse(&request.language), code: request.code },
+        env: request.env,
+        limits: request.limits,
+        tier: request.tier,
+    };
+    let sandbox = app
+        .ephemeral_sandbox(SandboxSpec::default())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string()))?;
+    let execution = match app.dispatcher().start(sandbox.clone(), exec) {
+        Ok(execution) => execution,
+        Err(error) => {
+            app.discard(&sandbox).await;
+            return Err(error.into());
+        }
+    };
+    if !request.stream {
+        let output = execution.collect().await;
+        app.discard(&sandbox).await;
+        return Ok(Json(output).into_response());
+    }
+    // The execution is driven by its own task, so it is cleaned up even if the client leaves.
+    let (lines, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let tier = execution.tier();
+    tokio::spawn(async move {
+        let mut execution = execution;
+        while let Some(event) = execution.next_event().await {
+            let line = event_line(tier, &event);
+            let _ = lines.send(Ok(line)).await;
+        }
+        app.discard(&sandbox).await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(body);
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// One line of the streamed answer.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum EventLine<'a> {
+    Stdout { text: String },
+    Stderr { text: String },
+    Result { result: &'a soulbox_runtime::CellResult },
+    Error { error: &'a soulbox_runtime::GuestError },
+    End {
+        tier: soulbox_runtime::Tier,
+        termination: &'a soulbox_runtime::Termination,
+        exit_code: i32,
+        timings: soulbox_runtime::Timings,
+    },
+    Failed { message: &'a str },
+}
+
+fn event_line(tier: soulbox_runtime::Tier, event: &ExecEvent) -> Bytes {
+    let line = match event {
+        ExecEvent::Stdout(b) => EventLine::Stdout { text: String::from_utf8_lossy(b).into_owned() },
+        ExecEvent::Stderr(b) => EventLine::Stderr { text: String::from_utf8_lossy(b).into_owned() },
+        ExecEvent::Result(result) => EventLine::Result { result },
+        ExecEvent::Error(error) => EventLine::Error { error },
+        ExecEvent::End(summary) => EventLine::End {
+            tier,
+            termination: &summary.termination,
+            exit_code: summary.termination.exit_code(),
+            timings: summary.timings,
+        },
+        ExecEvent::Failed(message) => EventLine::Failed { message },
+    };
+    let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Serves the API on `listener` until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, app: App) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}

@@ -1,0 +1,79 @@
+//! The interface both tiers implement.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::exec::{EventSink, ExecRequest, Language, Termination, Tier};
+use crate::sandbox::{Sandbox, SandboxId};
+
+/// Whether a backend can run a language now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum LanguageStatus {
+    /// Installed and ready.
+    Ready,
+    /// Known, but its runtime is not installed; `install_command` installs it.
+    NotInstalled {
+        /// The exact command that installs it.
+        install_command: String,
+    },
+}
+
+/// A language a backend knows, and whether it can run it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanguageSupport {
+    /// The language.
+    pub language: Language,
+    /// Whether it can run now.
+    pub status: LanguageStatus,
+}
+
+/// How a backend's execution went: the guest's termination and where the time went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOutcome {
+    /// How the guest ended.
+    pub termination: Termination,
+    /// Time spent making the interpreter or process ready.
+    pub startup: Duration,
+    /// Time spent running the guest's code.
+    pub run: Duration,
+}
+
+/// SoulBox failed to build or enforce a sandbox; the guest's code did not run (further).
+#[derive(Debug, thiserror::Error)]
+#[error("{tier} tier: {message}")]
+pub struct BackendError {
+    /// The tier that failed.
+    pub tier: Tier,
+    /// What failed, for people.
+    pub message: String,
+}
+
+/// A tier. Implementations say what they can do; they never route.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Which tier this is.
+    fn tier(&self) -> Tier;
+
+    /// The languages this backend knows, with their status.
+    fn languages(&self) -> Vec<LanguageSupport>;
+
+    /// Whether it runs [`crate::ExecKind::Command`] executions.
+    fn runs_commands(&self) -> bool;
+
+    /// Runs one execution in `sandbox`, sending its output to `events` as it is produced.
+    /// Guest failures are an `Ok` [`Termination`]; `Err` means the sandbox could not be built
+    /// or enforced.
+    async fn exec(
+        &self,
+        sandbox: &Sandbox,
+        request: ExecRequest,
+        events: &EventSink,
+    ) -> Result<BackendOutcome, BackendError>;
+
+    /// Releases everything this backend holds for the sandbox (kernels, processes).
+    async fn close(&self, sandbox: &SandboxId);
+}

@@ -1,0 +1,34 @@
+//! The SoulBox runtime: the vocabulary shared by every part of SoulBox, the [`Backend`] trait
+//! that both tiers implement, and the [`Dispatcher`], the single entry point of every
+//! execution.
+//!
+//! This crate knows nothing of wasmtime, HTTP or libc. An embedder depends on it plus the tiers
+//! it wants (`soulbox-wasm`, `soulbox-native`).
+//!
+//! ```
+//! use soulbox_runtime::{Dispatcher, ExecRequest, Language, Limits};
+//!
+//! let dispatcher = Dispatcher::new(); // add tiers with `with_backend`
+//! assert!(dispatcher.tiers().is_empty());
+//! let request = ExecRequest::cell(Language::parse("py"), "print(1)").with_limits(Limits::default());
+//! assert!(matches!(request.kind, soulbox_runtime::ExecKind::Cell { .. }));
+//! ```
+
+mod backend;
+mod dispatch;
+mod exec;
+mod limits;
+mod sandbox;
+
+pub use backend::{Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport};
+pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution};
+pub use exec::{
+    CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
+    Termination, Tier, TierPreference, Timings,
+};
+pub use limits::{
+    DEFAULT_MEMORY_BYTES, DEFAULT_STDERR_BYTES, DEFAULT_STDOUT_BYTES, DEFAULT_WALL_TIMEOUT, Limits,
+    LimitsError, MAX_CODE_BYTES, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_WALL_TIMEOUT,
+    MIN_MEMORY_BYTES, OutputStream,
+};
+pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};

@@ -1,0 +1,141 @@
+//! A sandbox as the tiers see it: an id, a workspace directory and its settings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::exec::TierPreference;
+use crate::limits::Limits;
+
+/// A sandbox's id: 20 lower-case letters and digits, as E2B's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SandboxId(String);
+
+/// Length of a generated sandbox id.
+const SANDBOX_ID_LEN: usize = 20;
+
+impl SandboxId {
+    /// A new random id.
+    pub fn generate() -> Self {
+        let id: String = uuid::Uuid::new_v4().simple().to_string().chars().take(SANDBOX_ID_LEN).collect();
+        Self(id)
+    }
+
+    /// Accepts an id only if it has the form of one (so it is safe as a path component).
+    pub fn parse(id: &str) -> Option<Self> {
+        let ok = id.len() == SANDBOX_ID_LEN
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        ok.then(|| Self(id.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How to make a sandbox. The defaults are closed: no environment, default limits, the
+/// dispatcher's own choice of tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Environment variables every execution in the sandbox sees.
+    pub env: BTreeMap<String, String>,
+    /// Default limits of its executions.
+    pub limits: Limits,
+    /// Which tier its executions prefer.
+    pub tier: TierPreference,
+}
+
+/// A live sandbox: its files live in `workspace` (the guest's `/home/user`), and a backend
+/// may keep private per-sandbox files (kernel scratch space) under `state_dir`.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: SandboxId,
+    spec: SandboxSpec,
+    workspace: PathBuf,
+    state_dir: PathBuf,
+}
+
+/// Failure to make or remove a sandbox's directories.
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox directory {path}: {source}")]
+pub struct SandboxDirError {
+    /// The directory.
+    pub path: PathBuf,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Sandbox {
+    /// Creates a sandbox with a fresh id and empty directories under `root`.
+    pub fn create(root: &Path, spec: SandboxSpec) -> Result<Self, SandboxDirError> {
+        let id = SandboxId::generate();
+        let base = root.join(id.as_str());
+        let workspace = base.join("workspace");
+        let state_dir = base.join("state");
+        for dir in [&workspace, &state_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| SandboxDirError { path: dir.clone(), source })?;
+        }
+        Ok(Self { id, spec, workspace, state_dir })
+    }
+
+    /// The sandbox's id.
+    pub fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    /// How it was made.
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.spec
+    }
+
+    /// The workspace directory on the host.
+    pub fn workspace(&self) -> &Path {
+        &self.workspace
+    }
+
+    /// The directory for backends' private per-sandbox state.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Removes the sandbox's directories. Backends must have released it first
+    /// ([`crate::Dispatcher::close`]).
+    pub fn remove_files(&self) -> Result<(), SandboxDirError> {
+        let Some(base) = self.workspace.parent() else { return Ok(()) };
+        match std::fs::remove_dir_all(base) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxDirError { path: base.to_owned(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse_back() {
+        let id = SandboxId::generate();
+        assert_eq!(SandboxId::parse(id.as_str()), Some(id));
+    }
+
+    #[test]
+    fn ids_with_path_characters_are_refused() {
+        assert_eq!(SandboxId::parse("../../../etc/passwd!"), None);
+        assert_eq!(SandboxId::parse("abc"), None);
+    }
+}

@@ -1,0 +1,130 @@
+//! The HTTP API over a real socket.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// Starts the API on an ephemeral local port; returns its base URL.
+async fn serve() -> String {
+    soulbox_tests::wasm_backend().await;
+    let app = soulbox_host::app::App::open(&soulbox_tests::test_data_dir()).expect("app");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum_serve(listener, app).await });
+    format!("http://{address}")
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: soulbox_host::app::App) {
+    soulbox_host::server::serve(listener, app).await.expect("serving");
+}
+
+async fn request(method: &str, url: &str, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    let response = client.request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    (status, body)
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let (status, body) = request("POST", url, Some(serde_json::to_vec(&body).expect("json"))).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn health_lists_tiers_and_languages() {
+    let base = serve().await;
+    let (status, body) = request("GET", &format!("{base}/health"), None).await;
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["tiers"], json!(["wasm"]));
+    let ready: Vec<&str> = health["languages"]
+        .as_array()
+        .expect("languages")
+        .iter()
+        .filter(|l| l["status"]["status"] == "ready")
+        .filter_map(|l| l["language"].as_str())
+        .collect();
+    assert_eq!(ready, ["python", "javascript", "ruby"]);
+}
+
+#[tokio::test]
+async fn run_returns_the_whole_result() {
+    let base = serve().await;
+    let (status, body) =
+        post(&format!("{base}/v1/run"), json!({"language": "python", "code": "print('hi')\n6 * 7"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tier"], "wasm");
+    assert_eq!(body["stdout"], "hi\n");
+    assert_eq!(body["results"][0]["data"]["text/plain"], "42");
+    assert_eq!(body["termination"], json!({"kind": "exited", "code": 0}));
+    assert_eq!(body["exit_code"], 0);
+    assert!(body["timings"]["total_us"].as_u64().expect("timings") > 0);
+}
+
+#[tokio::test]
+async fn run_streams_json_lines_ending_with_end() {
+    let base = serve().await;
+    let body = json!({"language": "js", "code": "console.log('a'); console.log('b'); 1", "stream": true});
+    let (status, raw) =
+        request("POST", &format!("{base}/v1/run"), Some(serde_json::to_vec(&body).expect("json"))).await;
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = String::from_utf8(raw)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let types: Vec<&str> = lines.iter().filter_map(|l| l["type"].as_str()).collect();
+    assert_eq!(types.last(), Some(&"end"), "{lines:?}");
+    assert!(types.contains(&"stdout") && types.contains(&"result"), "{types:?}");
+    assert_eq!(lines.last().expect("end")["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn run_timeout_is_reported() {
+    let base = serve().await;
+    let (status, body) = post(
+        &format!("{base}/v1/run"),
+        json!({"language": "ruby", "code": "loop {}", "limits": {"timeout_ms": 200}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["termination"], json!({"kind": "timed_out", "limit_ms": 200}));
+    assert_eq!(body["exit_code"], 124);
+}
+
+#[tokio::test]
+async fn oversized_code_is_refused_with_413() {
+    let base = serve().await;
+    let code = "#".repeat(soulbox_runtime::MAX_CODE_BYTES + 1);
+    let (status, body) = post(&format!("{base}/v1/run"), json!({"language": "python", "code": code})).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "code_too_large");
+    assert!(body["error"]["message"].as_str().expect("message").contains("maximum"));
+}
+
+#[tokio::test]
+async fn unknown_language_and_bad_json_are_400_with_clear_messages() {
+    let base = serve().await;
+    let (status, body) = post(&format!("{base}/v1/run"), json!({"language": "cobol", "code": "x"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "unknown_language");
+    assert!(body["error"]["message"].as_str().expect("message").contains("python"));
+    let (status, body) = post(&format!("{base}/v1/run"), json!({"lang": "python"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_request");
+    let (status, body) =
+        post(&format!("{base}/v1/run"), json!({"language": "python", "code": "1", "limits": {"memory_bytes": 1}}))
+            .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_limits");
+}

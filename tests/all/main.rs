@@ -1,0 +1,10 @@
+//! SoulBox's end-to-end tests: real wasmtime, real language packs from the registries, real
+//! HTTP over sockets. The packs are installed once into a shared data directory (see
+//! `soulbox_tests::wasm_backend`); the first run on a machine takes a few minutes for that.
+
+mod cells;
+mod escape;
+mod http;
+mod isolation;
+mod limits;
+mod packs;

@@ -1,0 +1,50 @@
+//! Shared set-up for SoulBox's end-to-end tests and benchmarks: one data directory with every
+//! language pack installed, made once per machine and shared by every test process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use soulbox_runtime::{Dispatcher, ExecOutput, ExecRequest, Sandbox, SandboxSpec};
+use soulbox_wasm::WasmBackend;
+
+/// The data directory the tests share: `$SOULBOX_TEST_DATA_DIR`, or `target/soulbox-test-data`.
+pub fn test_data_dir() -> PathBuf {
+    std::env::var_os("SOULBOX_TEST_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("soulbox-test-data")
+    })
+}
+
+/// Installs every pack of the manifest into the shared data directory (once; later calls and
+/// other processes find them installed), and returns a backend with all of them loaded.
+pub async fn wasm_backend() -> Arc<WasmBackend> {
+    static BACKEND: tokio::sync::OnceCell<Arc<WasmBackend>> = tokio::sync::OnceCell::const_new();
+    BACKEND.get_or_init(install_all).await.clone()
+}
+
+async fn install_all() -> Arc<WasmBackend> {
+    let data_dir = test_data_dir();
+    let backend = WasmBackend::builder(&data_dir).build().expect("the wasm backend builds");
+    for spec in soulbox_wasm::pack::manifest() {
+        if backend.pack(&spec.language).is_none() {
+            eprintln!("installing the {} pack into {} (once)", spec.language, data_dir.display());
+            backend
+                .install(&spec, &soulbox_wasm::pack::NoProgress)
+                .await
+                .unwrap_or_else(|e| panic!("installing the {} pack: {e}", spec.language));
+        }
+    }
+    Arc::new(backend)
+}
+
+/// A dispatcher with the WASM tier, and a fresh sandbox in a temporary directory.
+pub async fn sandbox() -> (Dispatcher, Arc<Sandbox>, tempfile::TempDir) {
+    let backend = wasm_backend().await;
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let sandbox = Sandbox::create(root.path(), SandboxSpec::default()).expect("a sandbox");
+    (Dispatcher::new().with_backend(backend), Arc::new(sandbox), root)
+}
+
+/// Runs a request to its end and gathers its output.
+pub async fn run(dispatcher: &Dispatcher, sandbox: &Arc<Sandbox>, request: ExecRequest) -> ExecOutput {
+    dispatcher.start(sandbox.clone(), request).expect("the request is dispatched").collect().await
+}

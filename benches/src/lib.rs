@@ -1,1 +1,27 @@
+//! Helpers for SoulBox's benchmarks: percentiles and the process's resident memory.
 
+use std::time::Duration;
+
+/// The `p`-th percentile (0..=100) of sorted samples.
+pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = (sorted.len() * p / 100).min(sorted.len() - 1);
+    sorted[index]
+}
+
+/// This process's resident set size in bytes, from `/proc/self/status`.
+pub fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Formats a duration in milliseconds with three decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}

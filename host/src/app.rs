@@ -23,8 +23,9 @@ pub fn default_data_dir() -> PathBuf {
 impl App {
     /// Opens the data directory and builds the tiers.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the data directory {}: {e}", data_dir.display())
+        })?;
         #[cfg(feature = "wasm")]
         let wasm = Arc::new(soulbox_wasm::WasmBackend::builder(data_dir).build()?);
         let dispatcher = Dispatcher::new();

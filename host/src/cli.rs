@@ -172,8 +172,10 @@ impl soulbox_wasm::pack::InstallProgress for Progress {
         let mut bars = self.by_language.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(language.clone()).or_insert_with(|| {
             let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
-            let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<11} [{elapsed:>4}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix:<11} [{elapsed:>4}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
             bar.set_style(style);
             bar.set_prefix(language.to_string());
             bar.enable_steady_tick(Duration::from_millis(120));
@@ -182,7 +184,9 @@ impl soulbox_wasm::pack::InstallProgress for Progress {
         let message = match step {
             InstallStep::Downloading => "downloading with the registry's client",
             InstallStep::Verifying => "verifying sha256 sums and unpacking",
-            InstallStep::PreInitialising => "pre-initialising the interpreter (Python: about 2 minutes)",
+            InstallStep::PreInitialising => {
+                "pre-initialising the interpreter (Python: about 2 minutes)"
+            }
             InstallStep::Compiling => "compiling the image to machine code",
             InstallStep::Installed => {
                 bar.finish_with_message("installed");
@@ -242,7 +246,11 @@ fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(out, "{:<11} {:<14} {:<24} {:<9} RUNTIME", "LANGUAGE", "STATUS", "PACKAGE", "VERSION")?;
+    writeln!(
+        out,
+        "{:<11} {:<14} {:<24} {:<9} RUNTIME",
+        "LANGUAGE", "STATUS", "PACKAGE", "VERSION"
+    )?;
     for row in &rows {
         let status = if row["installed"] == true { "installed" } else { "not installed" };
         writeln!(
@@ -319,10 +327,10 @@ async fn stream(mut execution: soulbox_runtime::Execution) -> anyhow::Result<Exi
                 stderr.flush()?;
             }
             ExecEvent::Result(result) => {
-                if result.is_main_result {
-                    if let Some(text) = result.data.get("text/plain") {
-                        writeln!(stdout, "{text}")?;
-                    }
+                if result.is_main_result
+                    && let Some(text) = result.data.get("text/plain")
+                {
+                    writeln!(stdout, "{text}")?;
                 }
             }
             ExecEvent::Error(error) => {
@@ -359,7 +367,10 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
             .filter(|spec| app.wasm().pack(&spec.language).is_none())
             .collect();
         if !missing.is_empty() {
-            tracing::info!(count = missing.len(), "installing missing language packs (first start only)");
+            tracing::info!(
+                count = missing.len(),
+                "installing missing language packs (first start only)"
+            );
             let progress = Progress::new();
             for spec in &missing {
                 if let Err(error) = app.wasm().install(spec, &progress).await {

@@ -19,7 +19,8 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use soulbox_runtime::{
-    DispatchError, ExecEvent, ExecRequest, Language, Limits, MAX_CODE_BYTES, SandboxSpec, TierPreference,
+    DispatchError, ExecEvent, ExecRequest, Language, Limits, MAX_CODE_BYTES, SandboxSpec,
+    TierPreference,
 };
 use tokio::sync::mpsc;
 
@@ -65,7 +66,9 @@ impl From<DispatchError> for ApiError {
             DispatchError::LanguageNotInstalled { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "language_not_installed")
             }
-            DispatchError::TierCannotRun { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "tier_unavailable"),
+            DispatchError::TierCannotRun { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "tier_unavailable")
+            }
             DispatchError::CodeTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "code_too_large"),
             DispatchError::InvalidLimits(_) => (StatusCode::BAD_REQUEST, "invalid_limits"),
         };
@@ -108,17 +111,22 @@ async fn run(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> 
     let request: RunRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
     if request.code.len() > MAX_CODE_BYTES {
-        return Err(DispatchError::CodeTooLarge { size: request.code.len(), max: MAX_CODE_BYTES }.into());
+        return Err(
+            DispatchError::CodeTooLarge { size: request.code.len(), max: MAX_CODE_BYTES }.into()
+        );
     }
     let exec = ExecRequest {
-        kind: soulbox_runtime::ExecKind::Cell { language: Language::parse(&request.language), code: request.code },
+        kind: soulbox_runtime::ExecKind::Cell {
+            language: Language::parse(&request.language),
+            code: request.code,
+        },
         env: request.env,
         limits: request.limits,
         tier: request.tier,
     };
-    let sandbox = app
-        .ephemeral_sandbox(SandboxSpec::default())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string()))?;
+    let sandbox = app.ephemeral_sandbox(SandboxSpec::default()).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string())
+    })?;
     let execution = match app.dispatcher().start(sandbox.clone(), exec) {
         Ok(execution) => execution,
         Err(error) => {
@@ -143,24 +151,35 @@ async fn run(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> 
         app.discard(&sandbox).await;
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(body);
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream))
+        .into_response())
 }
 
 /// One line of the streamed answer.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum EventLine<'a> {
-    Stdout { text: String },
-    Stderr { text: String },
-    Result { result: &'a soulbox_runtime::CellResult },
-    Error { error: &'a soulbox_runtime::GuestError },
+    Stdout {
+        text: String,
+    },
+    Stderr {
+        text: String,
+    },
+    Result {
+        result: &'a soulbox_runtime::CellResult,
+    },
+    Error {
+        error: &'a soulbox_runtime::GuestError,
+    },
     End {
         tier: soulbox_runtime::Tier,
         termination: &'a soulbox_runtime::Termination,
         exit_code: i32,
         timings: soulbox_runtime::Timings,
     },
-    Failed { message: &'a str },
+    Failed {
+        message: &'a str,
+    },
 }
 
 fn event_line(tier: soulbox_runtime::Tier, event: &ExecEvent) -> Bytes {

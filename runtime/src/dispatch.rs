@@ -122,7 +122,10 @@ impl Dispatcher {
         match &request.kind {
             ExecKind::Cell { language, code } => {
                 if code.len() > MAX_CODE_BYTES {
-                    return Err(DispatchError::CodeTooLarge { size: code.len(), max: MAX_CODE_BYTES });
+                    return Err(DispatchError::CodeTooLarge {
+                        size: code.len(),
+                        max: MAX_CODE_BYTES,
+                    });
                 }
                 self.route_cell(language, &candidates)
             }
@@ -162,13 +165,13 @@ impl Dispatcher {
                 install_command,
             });
         }
-        if let [tier] = candidates {
-            if self.backend(*tier).is_none() {
-                return Err(DispatchError::TierCannotRun {
-                    tier: *tier,
-                    reason: "this tier is not available in this server".to_owned(),
-                });
-            }
+        if let [tier] = candidates
+            && self.backend(*tier).is_none()
+        {
+            return Err(DispatchError::TierCannotRun {
+                tier: *tier,
+                reason: "this tier is not available in this server".to_owned(),
+            });
         }
         let mut installed: Vec<Language> = self
             .languages()

@@ -20,7 +20,8 @@ const SANDBOX_ID_LEN: usize = 20;
 impl SandboxId {
     /// A new random id.
     pub fn generate() -> Self {
-        let id: String = uuid::Uuid::new_v4().simple().to_string().chars().take(SANDBOX_ID_LEN).collect();
+        let id: String =
+            uuid::Uuid::new_v4().simple().to_string().chars().take(SANDBOX_ID_LEN).collect();
         Self(id)
     }
 

@@ -26,9 +26,11 @@ async fn hello_world_in_each_language() {
 #[tokio::test]
 async fn last_expression_is_the_result_in_each_language() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
-    for (language, code, expected) in
-        [("python", "x = 6\nx * 7", "42"), ("javascript", "const x = 6; x * 7", "42"), ("ruby", "x = 6\nx * 7", "42")]
-    {
+    for (language, code, expected) in [
+        ("python", "x = 6\nx * 7", "42"),
+        ("javascript", "const x = 6; x * 7", "42"),
+        ("ruby", "x = 6\nx * 7", "42"),
+    ] {
         let output = run(&dispatcher, &sandbox, cell(language, code)).await;
         assert_eq!(output.results.len(), 1, "{language}: {output:?}");
         assert_eq!(output.results[0].data["text/plain"], expected, "{language}");
@@ -56,11 +58,17 @@ async fn exceptions_become_errors_with_name_value_and_traceback() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     for (language, code, name, value) in [
         ("python", "def f():\n    return 1 / 0\nf()", "ZeroDivisionError", "division by zero"),
-        ("javascript", "function f() { throw new TypeError('bad thing') }\nf()", "TypeError", "bad thing"),
+        (
+            "javascript",
+            "function f() { throw new TypeError('bad thing') }\nf()",
+            "TypeError",
+            "bad thing",
+        ),
         ("ruby", "def f = raise(ArgumentError, 'bad thing')\nf", "ArgumentError", "bad thing"),
     ] {
         let output = run(&dispatcher, &sandbox, cell(language, code)).await;
-        let error = output.error.as_ref().unwrap_or_else(|| panic!("{language}: no error in {output:?}"));
+        let error =
+            output.error.as_ref().unwrap_or_else(|| panic!("{language}: no error in {output:?}"));
         assert_eq!(error.name, name, "{language}");
         assert_eq!(error.value, value, "{language}");
         assert!(error.traceback.contains(name), "{language}: {}", error.traceback);
@@ -74,9 +82,11 @@ async fn exceptions_become_errors_with_name_value_and_traceback() {
 #[tokio::test]
 async fn syntax_errors_are_errors_not_crashes() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
-    for (language, code, name) in
-        [("python", "def (:", "SyntaxError"), ("javascript", "let = = 1", "SyntaxError"), ("ruby", "def (", "SyntaxError")]
-    {
+    for (language, code, name) in [
+        ("python", "def (:", "SyntaxError"),
+        ("javascript", "let = = 1", "SyntaxError"),
+        ("ruby", "def (", "SyntaxError"),
+    ] {
         let output = run(&dispatcher, &sandbox, cell(language, code)).await;
         let error = output.error.unwrap_or_else(|| panic!("{language}: no error"));
         assert_eq!(error.name, name, "{language}");
@@ -111,8 +121,11 @@ async fn matplotlib_figure_comes_back_as_png() {
     let code = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()";
     let output = run(&dispatcher, &sandbox, cell("python", code)).await;
     assert!(output.error.is_none(), "{output:?}");
-    let figure = output.results.iter().find(|r| r.data.contains_key("image/png")).expect("a PNG result");
-    let png = base64::engine::general_purpose::STANDARD.decode(&figure.data["image/png"]).expect("base64");
+    let figure =
+        output.results.iter().find(|r| r.data.contains_key("image/png")).expect("a PNG result");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(&figure.data["image/png"])
+        .expect("base64");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a real PNG");
     assert!(png.len() > 1000, "a real plot, not an empty image: {} bytes", png.len());
 }

@@ -40,11 +40,16 @@ async fn escape_symlink_pointing_out_of_the_workspace() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     // A link planted from the host side, as a file upload could leave it.
     std::os::unix::fs::symlink("/etc/passwd", sandbox.workspace().join("link")).expect("symlink");
-    assert!(std::fs::read_to_string(sandbox.workspace().join("link")).expect("natively followed").contains("root"));
+    assert!(
+        std::fs::read_to_string(sandbox.workspace().join("link"))
+            .expect("natively followed")
+            .contains("root")
+    );
     let code = format!(
         "{TRY_READ}import os\ntry:\n    os.symlink('/etc/passwd', '/home/user/made')\n    made = 'made'\nexcept OSError as e:\n    made = type(e).__name__\n[try_read('/home/user/link'), try_read('/home/user/made'), made]"
     );
-    let output = run(&dispatcher, &sandbox, ExecRequest::cell(Language::parse("python"), code)).await;
+    let output =
+        run(&dispatcher, &sandbox, ExecRequest::cell(Language::parse("python"), code)).await;
     let text = text(&output);
     assert!(!text.contains("READ"), "{output:?}");
 }
@@ -79,9 +84,13 @@ async fn escape_host_call_door_is_denied() {
 async fn files_written_land_in_the_workspace_only() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let code = "open('/home/user/out.txt', 'w').write('kept')\nopen('/tmp/scratch.txt', 'w').write('private')";
-    let output = run(&dispatcher, &sandbox, ExecRequest::cell(Language::parse("python"), code)).await;
+    let output =
+        run(&dispatcher, &sandbox, ExecRequest::cell(Language::parse("python"), code)).await;
     assert!(output.error.is_none(), "{output:?}");
-    assert_eq!(std::fs::read_to_string(sandbox.workspace().join("out.txt")).expect("in the workspace"), "kept");
+    assert_eq!(
+        std::fs::read_to_string(sandbox.workspace().join("out.txt")).expect("in the workspace"),
+        "kept"
+    );
     let host_tmp = std::fs::read_to_string("/tmp/scratch.txt").unwrap_or_default();
     assert_ne!(host_tmp, "private", "the guest's /tmp is its own, not the host's");
 }

@@ -60,8 +60,11 @@ async fn health_lists_tiers_and_languages() {
 #[tokio::test]
 async fn run_returns_the_whole_result() {
     let base = serve().await;
-    let (status, body) =
-        post(&format!("{base}/v1/run"), json!({"language": "python", "code": "print('hi')\n6 * 7"})).await;
+    let (status, body) = post(
+        &format!("{base}/v1/run"),
+        json!({"language": "python", "code": "print('hi')\n6 * 7"}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["tier"], "wasm");
     assert_eq!(body["stdout"], "hi\n");
@@ -74,9 +77,11 @@ async fn run_returns_the_whole_result() {
 #[tokio::test]
 async fn run_streams_json_lines_ending_with_end() {
     let base = serve().await;
-    let body = json!({"language": "js", "code": "console.log('a'); console.log('b'); 1", "stream": true});
+    let body =
+        json!({"language": "js", "code": "console.log('a'); console.log('b'); 1", "stream": true});
     let (status, raw) =
-        request("POST", &format!("{base}/v1/run"), Some(serde_json::to_vec(&body).expect("json"))).await;
+        request("POST", &format!("{base}/v1/run"), Some(serde_json::to_vec(&body).expect("json")))
+            .await;
     assert_eq!(status, 200);
     let lines: Vec<Value> = String::from_utf8(raw)
         .expect("utf-8")
@@ -106,7 +111,8 @@ async fn run_timeout_is_reported() {
 async fn oversized_code_is_refused_with_413() {
     let base = serve().await;
     let code = "#".repeat(soulbox_runtime::MAX_CODE_BYTES + 1);
-    let (status, body) = post(&format!("{base}/v1/run"), json!({"language": "python", "code": code})).await;
+    let (status, body) =
+        post(&format!("{base}/v1/run"), json!({"language": "python", "code": code})).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"]["code"], "code_too_large");
     assert!(body["error"]["message"].as_str().expect("message").contains("maximum"));
@@ -115,16 +121,19 @@ async fn oversized_code_is_refused_with_413() {
 #[tokio::test]
 async fn unknown_language_and_bad_json_are_400_with_clear_messages() {
     let base = serve().await;
-    let (status, body) = post(&format!("{base}/v1/run"), json!({"language": "cobol", "code": "x"})).await;
+    let (status, body) =
+        post(&format!("{base}/v1/run"), json!({"language": "cobol", "code": "x"})).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "unknown_language");
     assert!(body["error"]["message"].as_str().expect("message").contains("python"));
     let (status, body) = post(&format!("{base}/v1/run"), json!({"lang": "python"})).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_request");
-    let (status, body) =
-        post(&format!("{base}/v1/run"), json!({"language": "python", "code": "1", "limits": {"memory_bytes": 1}}))
-            .await;
+    let (status, body) = post(
+        &format!("{base}/v1/run"),
+        json!({"language": "python", "code": "1", "limits": {"memory_bytes": 1}}),
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_limits");
 }

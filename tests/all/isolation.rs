@@ -27,7 +27,8 @@ async fn two_sandboxes_never_share_files() {
     let python = Language::parse("python");
     let write = "open('/home/user/mine.txt', 'w').write('first'); open('/tmp/mine.txt', 'w').write('first')";
     run(&dispatcher, &first, ExecRequest::cell(python.clone(), write)).await;
-    let read = "import os\n[os.path.exists('/home/user/mine.txt'), os.path.exists('/tmp/mine.txt')]";
+    let read =
+        "import os\n[os.path.exists('/home/user/mine.txt'), os.path.exists('/tmp/mine.txt')]";
     let output = run(&dispatcher, &second, ExecRequest::cell(python, read)).await;
     assert_eq!(output.results[0].data["text/plain"], "[False, False]", "{output:?}");
     assert!(first.workspace().join("mine.txt").exists());
@@ -41,6 +42,11 @@ async fn closing_a_sandbox_releases_its_kernels_and_scratch() {
     assert_eq!(scratch_dirs(), 1, "a kernel's scratch directory exists while it lives");
     dispatcher.close(&sandbox).await;
     assert_eq!(scratch_dirs(), 0, "closing removes it");
-    let output = run(&dispatcher, &sandbox, ExecRequest::cell(Language::parse("python"), "'x' in globals()")).await;
+    let output = run(
+        &dispatcher,
+        &sandbox,
+        ExecRequest::cell(Language::parse("python"), "'x' in globals()"),
+    )
+    .await;
     assert_eq!(output.results[0].data["text/plain"], "False", "a closed sandbox's state is gone");
 }

@@ -33,7 +33,9 @@ async fn timeout_violated_stops_within_the_limit_plus_100ms() {
 async fn timeout_obeyed_by_a_short_sleep() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let limits = Limits { wall_timeout: Duration::from_secs(5), ..Limits::default() };
-    let output = run(&dispatcher, &sandbox, cell("python", "import time\ntime.sleep(0.2)\n'done'", limits)).await;
+    let output =
+        run(&dispatcher, &sandbox, cell("python", "import time\ntime.sleep(0.2)\n'done'", limits))
+            .await;
     assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
     assert_eq!(output.results[0].data["text/plain"], "'done'");
 }
@@ -43,7 +45,8 @@ async fn timeout_violated_while_sleeping_in_a_host_call() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let limits = Limits { wall_timeout: Duration::from_millis(200), ..Limits::default() };
     let began = Instant::now();
-    let output = run(&dispatcher, &sandbox, cell("python", "import time\ntime.sleep(30)", limits)).await;
+    let output =
+        run(&dispatcher, &sandbox, cell("python", "import time\ntime.sleep(30)", limits)).await;
     assert_eq!(output.termination, Some(Termination::TimedOut { limit_ms: 200 }));
     assert!(began.elapsed() < Duration::from_millis(300), "{:?}", began.elapsed());
 }
@@ -77,7 +80,8 @@ async fn memory_obeyed_by_a_large_allocation_under_the_limit() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let limits = Limits { memory_bytes: 512 << 20, ..Limits::default() };
     let output =
-        run(&dispatcher, &sandbox, cell("python", "b = bytearray(100 << 20)\nlen(b)", limits)).await;
+        run(&dispatcher, &sandbox, cell("python", "b = bytearray(100 << 20)\nlen(b)", limits))
+            .await;
     assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
     assert_eq!(output.results[0].data["text/plain"], (100 << 20).to_string());
 }
@@ -102,11 +106,18 @@ async fn output_violated_is_cut_at_the_cap_with_a_marker() {
         let output = run(&dispatcher, &sandbox, cell(language, code, limits)).await;
         assert_eq!(
             output.termination,
-            Some(Termination::OutputLimitExceeded { stream: OutputStream::Stdout, limit_bytes: 10_000 }),
+            Some(Termination::OutputLimitExceeded {
+                stream: OutputStream::Stdout,
+                limit_bytes: 10_000
+            }),
             "{language}"
         );
         let marker = "\n[soulbox: stdout truncated at 10000 bytes]\n";
-        assert!(output.stdout.ends_with(marker), "{language}: {:?}", &output.stdout[output.stdout.len() - 80..]);
+        assert!(
+            output.stdout.ends_with(marker),
+            "{language}: {:?}",
+            &output.stdout[output.stdout.len() - 80..]
+        );
         assert_eq!(output.stdout.len(), 10_000 + marker.len(), "{language}");
     }
 }
@@ -136,8 +147,10 @@ async fn stderr_violated_is_cut_too() {
 #[tokio::test]
 async fn limits_above_their_maximum_are_refused_before_running() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
-    let limits = Limits { memory_bytes: soulbox_runtime::MAX_MEMORY_BYTES + 1, ..Limits::default() };
-    let error = dispatcher.start(sandbox.clone(), cell("python", "1", limits)).expect_err("refused");
+    let limits =
+        Limits { memory_bytes: soulbox_runtime::MAX_MEMORY_BYTES + 1, ..Limits::default() };
+    let error =
+        dispatcher.start(sandbox.clone(), cell("python", "1", limits)).expect_err("refused");
     assert!(error.to_string().contains("memory_bytes"), "{error}");
 }
 
@@ -145,6 +158,8 @@ async fn limits_above_their_maximum_are_refused_before_running() {
 async fn code_above_the_maximum_is_refused() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let code = "#".repeat(soulbox_runtime::MAX_CODE_BYTES + 1);
-    let error = dispatcher.start(sandbox.clone(), cell("python", &code, Limits::default())).expect_err("refused");
+    let error = dispatcher
+        .start(sandbox.clone(), cell("python", &code, Limits::default()))
+        .expect_err("refused");
     assert!(matches!(error, soulbox_runtime::DispatchError::CodeTooLarge { .. }), "{error}");
 }

@@ -8,3 +8,4 @@ mod http;
 mod isolation;
 mod limits;
 mod packs;
+mod plugin;

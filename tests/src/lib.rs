@@ -10,7 +10,10 @@ use soulbox_wasm::WasmBackend;
 /// The data directory the tests share: `$SOULBOX_TEST_DATA_DIR`, or `target/soulbox-test-data`.
 pub fn test_data_dir() -> PathBuf {
     std::env::var_os("SOULBOX_TEST_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("soulbox-test-data")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("soulbox-test-data")
     })
 }
 
@@ -45,6 +48,10 @@ pub async fn sandbox() -> (Dispatcher, Arc<Sandbox>, tempfile::TempDir) {
 }
 
 /// Runs a request to its end and gathers its output.
-pub async fn run(dispatcher: &Dispatcher, sandbox: &Arc<Sandbox>, request: ExecRequest) -> ExecOutput {
+pub async fn run(
+    dispatcher: &Dispatcher,
+    sandbox: &Arc<Sandbox>,
+    request: ExecRequest,
+) -> ExecOutput {
     dispatcher.start(sandbox.clone(), request).expect("the request is dispatched").collect().await
 }

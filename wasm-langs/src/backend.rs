@@ -14,10 +14,10 @@ use soulbox_runtime::{
     LanguageStatus, LanguageSupport, Sandbox, SandboxId, Tier,
 };
 
+use crate::WasmError;
 use crate::engine::{EngineSettings, WasmEngine};
 use crate::kernel::Kernel;
 use crate::pack::{self, InstallProgress, LoadedPack};
-use crate::WasmError;
 
 type KernelSlot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
 
@@ -108,6 +108,32 @@ impl WasmBackend {
         self.load(record)
     }
 
+    /// Runs one cell of `language` on its interpreter as shipped, starting it from scratch
+    /// instead of from the pre-initialised image (for benchmarks: what the image saves).
+    pub async fn run_without_preinit(
+        &self,
+        language: &Language,
+        code: &str,
+    ) -> Result<soulbox_runtime::Termination, WasmError> {
+        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
+            language: language.clone(),
+            install_command: pack::install_command(language),
+        })?;
+        let spec = &pack.record.spec;
+        let module = self.engine.load_module(&spec.wasm.sha256, pack.plain_module_path())?;
+        let linker = pack::linker(&self.engine, spec.driver, &module)
+            .map_err(|e| WasmError::Sandbox(format!("linking: {e:#}")))?;
+        crate::kernel::run_without_image(
+            self.engine.engine(),
+            &linker,
+            &module,
+            spec.driver,
+            &pack.dir,
+            code,
+        )
+        .await
+    }
+
     fn slot(&self, sandbox: &SandboxId, language: &Language) -> KernelSlot {
         let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
         kernels.entry((sandbox.clone(), language.clone())).or_default().clone()
@@ -132,8 +158,15 @@ impl WasmBackend {
             let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
             let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
             let spec = &pack.record.spec;
-            match Kernel::start(&pack.image, spec.driver, &pack.dir, sandbox.workspace(), scratch, &request.limits)
-                .await?
+            match Kernel::start(
+                &pack.image,
+                spec.driver,
+                &pack.dir,
+                sandbox.workspace(),
+                scratch,
+                &request.limits,
+            )
+            .await?
             {
                 Ok(started) => *kernel = Some(started),
                 Err(termination) => {
@@ -174,7 +207,9 @@ impl Backend for WasmBackend {
                 let status = if self.pack(&spec.language).is_some() {
                     LanguageStatus::Ready
                 } else {
-                    LanguageStatus::NotInstalled { install_command: pack::install_command(&spec.language) }
+                    LanguageStatus::NotInstalled {
+                        install_command: pack::install_command(&spec.language),
+                    }
                 };
                 LanguageSupport { language: spec.language, status }
             })

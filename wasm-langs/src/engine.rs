@@ -125,8 +125,8 @@ impl WasmEngine {
     pub fn load_module(&self, wasm_sha256: &str, wasm: &Path) -> Result<Module, WasmError> {
         let cached = self.cache_path(wasm_sha256);
         if !cached.is_file() {
-            let bytes =
-                std::fs::read(wasm).map_err(|source| WasmError::Io { path: wasm.to_owned(), source })?;
+            let bytes = std::fs::read(wasm)
+                .map_err(|source| WasmError::Io { path: wasm.to_owned(), source })?;
             self.precompile(&bytes, &cached)?;
         }
         self.load_cached(&cached)

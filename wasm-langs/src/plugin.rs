@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use soulbox_runtime::{EventSink, Limits, Termination};
 use wasmtime::{Linker, Module};
 
+use crate::WasmError;
 use crate::engine::WasmEngine;
 use crate::kernel::{KernelState, millis, new_store, stopped, wasi_context};
 use crate::lang::Preopen;
 use crate::output::CellOutput;
-use crate::WasmError;
 
 /// The largest stdin handed to a module: 16 MiB.
 pub const MAX_STDIN_BYTES: usize = 16 << 20;

@@ -12,11 +12,11 @@ use soulbox_runtime::{EventSink, ExecEvent, Limits, MAX_MEMORY_BYTES};
 use wasmtime::{Instance, Module, Store};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
+use crate::WasmError;
 use crate::engine::WasmEngine;
 use crate::kernel::{KernelState, new_store, wasi_context};
 use crate::lang::Driver;
 use crate::output::CellOutput;
-use crate::WasmError;
 
 /// Reads an instance's state for the snapshot.
 struct Snapshotter<'a> {
@@ -62,10 +62,8 @@ pub(crate) async fn preinitialise(
     let (context, instrumented) = wizer.instrument(wasm).map_err(|e| failed("instrumenting", e))?;
     let module = Module::new(engine.engine(), &instrumented).map_err(|e| failed("compiling", e))?;
 
-    let placeholders = tempfile::tempdir().map_err(|source| WasmError::Io {
-        path: std::env::temp_dir(),
-        source,
-    })?;
+    let placeholders = tempfile::tempdir()
+        .map_err(|source| WasmError::Io { path: std::env::temp_dir(), source })?;
     let scratch = placeholders.path().join("scratch");
     let workspace = placeholders.path().join("workspace");
     for dir in driver.scratch_dirs().iter().map(|d| scratch.join(d)).chain([workspace.clone()]) {
@@ -74,7 +72,10 @@ pub(crate) async fn preinitialise(
     // The interpreter's own output during start-up is kept to explain a failure.
     let output = CellOutput::default();
     let (sink, mut startup_output) = EventSink::channel();
-    output.begin(&sink, &Limits { stdout_bytes: 1 << 16, stderr_bytes: 1 << 16, ..Limits::default() });
+    output.begin(
+        &sink,
+        &Limits { stdout_bytes: 1 << 16, stderr_bytes: 1 << 16, ..Limits::default() },
+    );
     let preopens = driver.preopens(pack_dir, &scratch, &workspace);
     let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
     let mut store = new_store(engine.engine(), wasi, MAX_MEMORY_BYTES);

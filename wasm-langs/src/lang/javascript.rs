@@ -66,7 +66,11 @@ async fn alloc_cstring(
     Ok(ptr)
 }
 
-async fn free(store: &mut Store<KernelState>, instance: &Instance, ptr: i32) -> wasmtime::Result<()> {
+async fn free(
+    store: &mut Store<KernelState>,
+    instance: &Instance,
+    ptr: i32,
+) -> wasmtime::Result<()> {
     guest::call::<i32, ()>(store, instance, "free", ptr).await
 }
 
@@ -76,8 +80,13 @@ async fn free_value(
     state: DriverState,
     value: i64,
 ) -> wasmtime::Result<()> {
-    guest::call::<(i32, i64), ()>(store, instance, "JS_FreeValue", (guest::abi(state.context), value))
-        .await
+    guest::call::<(i32, i64), ()>(
+        store,
+        instance,
+        "JS_FreeValue",
+        (guest::abi(state.context), value),
+    )
+    .await
 }
 
 async fn eval(
@@ -131,7 +140,8 @@ async fn park(
     let ctx = guest::abi(state.context);
     let global: i64 = guest::call(store, instance, "JS_GetGlobalObject", ctx).await?;
     let name = alloc_cstring(store, instance, VALUE_SLOT).await?;
-    let _: i32 = guest::call(store, instance, "JS_SetPropertyStr", (ctx, global, name, value)).await?;
+    let _: i32 =
+        guest::call(store, instance, "JS_SetPropertyStr", (ctx, global, name, value)).await?;
     free(store, instance, name).await?;
     free_value(store, instance, state, global).await
 }
@@ -182,10 +192,12 @@ async fn run_pending_jobs(
     instance: &Instance,
     state: DriverState,
 ) -> wasmtime::Result<()> {
-    let runtime: i32 = guest::call(store, instance, "JS_GetRuntime", guest::abi(state.context)).await?;
+    let runtime: i32 =
+        guest::call(store, instance, "JS_GetRuntime", guest::abi(state.context)).await?;
     let ctx_slot: i32 = guest::call(store, instance, "malloc", 4).await?;
     loop {
-        let ran: i32 = guest::call(store, instance, "JS_ExecutePendingJob", (runtime, ctx_slot)).await?;
+        let ran: i32 =
+            guest::call(store, instance, "JS_ExecutePendingJob", (runtime, ctx_slot)).await?;
         if ran <= 0 {
             break;
         }

@@ -88,13 +88,22 @@ impl Driver {
     }
 
     /// The directories the guest sees, in their fixed order.
-    pub(crate) fn preopens(self, pack_dir: &Path, scratch: &Path, workspace: &Path) -> Vec<Preopen> {
+    pub(crate) fn preopens(
+        self,
+        pack_dir: &Path,
+        scratch: &Path,
+        workspace: &Path,
+    ) -> Vec<Preopen> {
         let mut preopens = match self {
             Self::Python => python::library_preopens(pack_dir),
             Self::Javascript | Self::Ruby => Vec::new(),
         };
         preopens.push(Preopen { host: scratch.to_owned(), guest: "/".into(), writable: true });
-        preopens.push(Preopen { host: workspace.to_owned(), guest: GUEST_WORKSPACE.into(), writable: true });
+        preopens.push(Preopen {
+            host: workspace.to_owned(),
+            guest: GUEST_WORKSPACE.into(),
+            writable: true,
+        });
         preopens
     }
 

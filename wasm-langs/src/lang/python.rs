@@ -119,7 +119,8 @@ pub(super) async fn run_cell(
         fresh = if cell.fresh { "True" } else { "False" },
     );
     turn(store, instance, &source).await?;
-    let too_large = || wasmtime::format_err!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
+    let too_large =
+        || wasmtime::format_err!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
     let size = scratch.metadata(REPORT_PATH).map_err(|_| no_report())?.len();
     if size > u64::try_from(MAX_REPORT_BYTES)? {
         return Err(too_large());
@@ -145,7 +146,8 @@ pub(super) fn unpack_mpl_data(pack_dir: &Path) -> Result<(), crate::WasmError> {
         .map_err(|e| failed(e.to_string()))?
         .read_to_end(&mut inner)
         .map_err(|e| failed(e.to_string()))?;
-    let mut data = zip::ZipArchive::new(std::io::Cursor::new(inner)).map_err(|e| failed(e.to_string()))?;
+    let mut data =
+        zip::ZipArchive::new(std::io::Cursor::new(inner)).map_err(|e| failed(e.to_string()))?;
     let target = pack_dir.join(MPL_DATA_DIR);
     for index in 0..data.len() {
         let mut entry = data.by_index(index).map_err(|e| failed(e.to_string()))?;

@@ -1,0 +1,146 @@
+//! The `soulbox` binary, run as a user would.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn soulbox(data_dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("SOULBOX_DATA_DIR")
+        .output()
+        .expect("soulbox runs")
+}
+
+/// The shared data directory, with every pack installed.
+fn installed() -> std::path::PathBuf {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    runtime.block_on(soulbox_tests::wasm_backend());
+    soulbox_tests::test_data_dir()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_streams_output_and_exits_with_the_code_of_the_code() {
+    let data = installed();
+    let out = soulbox(&data, &["run", "--lang", "python", "-c", "print('hi')\nimport sys\nsys.exit(4)"]);
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(out.status.code(), Some(4));
+}
+
+#[test]
+fn run_prints_the_last_value_and_errors_with_tracebacks() {
+    let data = installed();
+    let out = soulbox(&data, &["run", "-l", "rb", "-c", "[1, 2].sum"]);
+    assert_eq!(text(&out.stdout), "3\n");
+    assert_eq!(out.status.code(), Some(0));
+    let out = soulbox(&data, &["run", "-l", "js", "-c", "null.x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("TypeError"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn run_reads_code_from_a_file() {
+    let data = installed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("hello.js");
+    std::fs::write(&file, "console.log('from a file')").expect("write");
+    let out = soulbox(&data, &["run", "--lang", "javascript", file.to_str().expect("utf-8")]);
+    assert_eq!(text(&out.stdout), "from a file\n");
+}
+
+#[test]
+fn run_json_has_the_documented_fields() {
+    let data = installed();
+    let out = soulbox(&data, &["run", "--lang", "python", "-c", "while True: pass", "--timeout-ms", "200", "--json"]);
+    assert_eq!(out.status.code(), Some(124));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(json["tier"], "wasm");
+    assert_eq!(json["termination"]["kind"], "timed_out");
+    assert_eq!(json["exit_code"], 124);
+    for field in ["stdout", "stderr", "results", "timings"] {
+        assert!(json.get(field).is_some(), "missing {field}: {json}");
+    }
+}
+
+#[test]
+fn unknown_language_exits_2_and_lists_installed_ones() {
+    let data = installed();
+    let out = soulbox(&data, &["run", "--lang", "cobol", "-c", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("installed languages: javascript, python, ruby"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn missing_pack_names_the_install_command() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = soulbox(empty.path(), &["run", "--lang", "ruby", "-c", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("install it with `soulbox langs install ruby`"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn langs_list_shows_every_pack() {
+    let data = installed();
+    let out = soulbox(&data, &["langs", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let installed: Vec<&str> =
+        list.as_array().expect("array").iter().filter(|p| p["installed"] == true).filter_map(|p| p["language"].as_str()).collect();
+    assert_eq!(installed, ["python", "javascript", "ruby"]);
+    let table = text(&soulbox(&data, &["langs", "list"]).stdout);
+    assert!(table.starts_with("LANGUAGE"), "{table}");
+}
+
+#[test]
+fn unknown_pack_to_install_is_a_usage_error() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = soulbox(empty.path(), &["langs", "install", "cobol"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("known languages: python, javascript, ruby"));
+}
+
+#[test]
+fn serve_answers_over_http() {
+    let data = installed();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .args(["serve", "--no-install", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = server.stderr.take().expect("stderr");
+    let began = Instant::now();
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        let line = lines.next().expect("the server logs").expect("a line");
+        if line.contains("soulbox is serving") {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(60), "server did not start");
+    }
+    let body = r#"{"language":"python","code":"21 * 2"}"#;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        stream,
+        "POST /v1/run HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    server.kill().expect("kill");
+    server.wait().expect("wait");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(json["results"][0]["data"]["text/plain"], "42");
+}

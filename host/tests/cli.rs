@@ -31,7 +31,8 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn run_streams_output_and_exits_with_the_code_of_the_code() {
     let data = installed();
-    let out = soulbox(&data, &["run", "--lang", "python", "-c", "print('hi')\nimport sys\nsys.exit(4)"]);
+    let out =
+        soulbox(&data, &["run", "--lang", "python", "-c", "print('hi')\nimport sys\nsys.exit(4)"]);
     assert_eq!(text(&out.stdout), "hi\n");
     assert_eq!(out.status.code(), Some(4));
 }
@@ -60,7 +61,10 @@ fn run_reads_code_from_a_file() {
 #[test]
 fn run_json_has_the_documented_fields() {
     let data = installed();
-    let out = soulbox(&data, &["run", "--lang", "python", "-c", "while True: pass", "--timeout-ms", "200", "--json"]);
+    let out = soulbox(
+        &data,
+        &["run", "--lang", "python", "-c", "while True: pass", "--timeout-ms", "200", "--json"],
+    );
     assert_eq!(out.status.code(), Some(124));
     let json: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(json["tier"], "wasm");
@@ -76,7 +80,11 @@ fn unknown_language_exits_2_and_lists_installed_ones() {
     let data = installed();
     let out = soulbox(&data, &["run", "--lang", "cobol", "-c", "x"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("installed languages: javascript, python, ruby"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("installed languages: javascript, python, ruby"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -84,7 +92,11 @@ fn missing_pack_names_the_install_command() {
     let empty = tempfile::tempdir().expect("tempdir");
     let out = soulbox(empty.path(), &["run", "--lang", "ruby", "-c", "1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("install it with `soulbox langs install ruby`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("install it with `soulbox langs install ruby`"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -92,8 +104,13 @@ fn langs_list_shows_every_pack() {
     let data = installed();
     let out = soulbox(&data, &["langs", "list", "--json"]);
     let list: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let installed: Vec<&str> =
-        list.as_array().expect("array").iter().filter(|p| p["installed"] == true).filter_map(|p| p["language"].as_str()).collect();
+    let installed: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|p| p["installed"] == true)
+        .filter_map(|p| p["language"].as_str())
+        .collect();
     assert_eq!(installed, ["python", "javascript", "ruby"]);
     let table = text(&soulbox(&data, &["langs", "list"]).stdout);
     assert!(table.starts_with("LANGUAGE"), "{table}");
@@ -110,7 +127,11 @@ fn unknown_pack_to_install_is_a_usage_error() {
 #[test]
 fn serve_answers_over_http() {
     let data = installed();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_soulbox"))
         .args(["serve", "--no-install", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&data)
@@ -141,6 +162,7 @@ fn serve_answers_over_http() {
     server.kill().expect("kill");
     server.wait().expect("wait");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    let json: Value =
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).expect("body")).expect("json");
     assert_eq!(json["results"][0]["data"]["text/plain"], "42");
 }

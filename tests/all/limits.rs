@@ -60,6 +60,10 @@ const MEMORY_BOMBS: [(&str, &str); 3] = [
 #[tokio::test]
 async fn memory_violated_by_a_bomb_in_each_language() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
+    // A neighbour with state of its own, which the bombs must not disturb.
+    let (_, neighbour, _other) = soulbox_tests::sandbox().await;
+    let keep = cell("python", "kept = 'still here'", Limits::default());
+    run(&dispatcher, &neighbour, keep).await;
     let limits = Limits { memory_bytes: 256 << 20, ..Limits::default() };
     for (language, code) in MEMORY_BOMBS {
         let output = run(&dispatcher, &sandbox, cell(language, code, limits)).await;
@@ -73,6 +77,11 @@ async fn memory_violated_by_a_bomb_in_each_language() {
         let output = run(&dispatcher, &sandbox, cell(language, "2 + 2", Limits::default())).await;
         assert_eq!(output.results[0].data["text/plain"], "4", "{language}: {output:?}");
     }
+    let output = run(&dispatcher, &neighbour, cell("python", "kept", Limits::default())).await;
+    assert_eq!(
+        output.results[0].data["text/plain"], "'still here'",
+        "the neighbour kept its state"
+    );
 }
 
 #[tokio::test]

@@ -99,7 +99,8 @@ async fn plugin_memory_violated() {
 
 #[tokio::test]
 async fn plugin_memory_obeyed() {
-    let grow_a_little = r#"(module (memory 1) (func (export "_start") (drop (memory.grow (i32.const 10)))))"#;
+    let grow_a_little =
+        r#"(module (memory 1) (func (export "_start") (drop (memory.grow (i32.const 10)))))"#;
     let limits = Limits { memory_bytes: 8 << 20, ..Limits::default() };
     let (termination, _) = run(grow_a_little, ModuleRun { limits, ..ModuleRun::default() }).await;
     assert_eq!(termination, Termination::Exited { code: 0 });

@@ -336,15 +336,7 @@ pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 fn verify_bytes(bytes: &[u8], expected: &str, what: &str) -> Result<(), WasmError> {
-    let actual = hex_sha256(bytes);
-    if actual != expected {
-        return Err(WasmError::ChecksumMismatch {
-            what: what.to_owned(),
-            expected: expected.to_owned(),
-            actual,
-        });
-    }
-    Ok(())
+    check_sha256(hex_sha256(bytes), expected, what)
 }
 
 fn verify_file(path: &Path, expected: &str, what: &str) -> Result<(), WasmError> {
@@ -355,17 +347,12 @@ fn verify_file(path: &Path, expected: &str, what: &str) -> Result<(), WasmError>
             "{what} is {size} bytes, more than {MAX_ARCHIVE_BYTES}"
         )));
     }
-    let mut file = std::fs::File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    let actual = format!("{:x}", hasher.finalize());
+    std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut hasher).map_err(io)?;
+    check_sha256(format!("{:x}", hasher.finalize()), expected, what)
+}
+
+fn check_sha256(actual: String, expected: &str, what: &str) -> Result<(), WasmError> {
     if actual != expected {
         return Err(WasmError::ChecksumMismatch {
             what: what.to_owned(),

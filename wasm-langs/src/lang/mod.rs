@@ -18,6 +18,7 @@ use serde::Deserialize;
 use soulbox_runtime::{CellResult, GuestError};
 use wasmtime::{Instance, Linker, Module, Store};
 
+use crate::guest::Guest;
 use crate::kernel::KernelState;
 
 /// The guest path of the sandbox's workspace.
@@ -149,10 +150,11 @@ impl Driver {
         store: &mut Store<KernelState>,
         instance: &Instance,
     ) -> wasmtime::Result<()> {
+        let guest = &mut Guest { store, instance };
         match self {
-            Self::Python => python::initialize(store, instance).await,
-            Self::Javascript => javascript::initialize(store, instance).await,
-            Self::Ruby => ruby::initialize(store, instance).await,
+            Self::Python => python::initialize(guest).await,
+            Self::Javascript => javascript::initialize(guest).await,
+            Self::Ruby => ruby::initialize(guest).await,
         }
     }
 
@@ -163,7 +165,7 @@ impl Driver {
         instance: &Instance,
     ) -> wasmtime::Result<DriverState> {
         match self {
-            Self::Javascript => javascript::attach(store, instance).await,
+            Self::Javascript => javascript::attach(&mut Guest { store, instance }).await,
             Self::Python | Self::Ruby => Ok(DriverState::default()),
         }
     }
@@ -176,12 +178,12 @@ impl Driver {
         state: DriverState,
         cell: &CellInput<'_>,
     ) -> wasmtime::Result<CellReport> {
-        let report = match self {
-            Self::Python => python::run_cell(store, instance, cell).await?,
-            Self::Javascript => javascript::run_cell(store, instance, state, cell).await?,
-            Self::Ruby => ruby::run_cell(store, instance, cell).await?,
-        };
-        Ok(report)
+        let guest = &mut Guest { store, instance };
+        match self {
+            Self::Python => python::run_cell(guest, cell).await,
+            Self::Javascript => javascript::run_cell(guest, state, cell).await,
+            Self::Ruby => ruby::run_cell(guest, cell).await,
+        }
     }
 }
 

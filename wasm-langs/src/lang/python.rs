@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use wasmtime::{Instance, Linker, Store};
+use wasmtime::Linker;
 
 use super::{CellInput, CellReport, MAX_REPORT_BYTES, Preopen, json_literal, parse_report};
-use crate::guest;
+use crate::guest::{self, Guest};
 use crate::kernel::KernelState;
 
 /// The driver, loaded into the interpreter as the module `_soulbox`.
@@ -67,25 +67,18 @@ pub(super) fn define_imports(linker: &mut Linker<KernelState>) -> wasmtime::Resu
 }
 
 /// Runs source code through `turn`; the status is nonzero when it raised.
-async fn turn(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
-    source: &str,
-) -> wasmtime::Result<i32> {
+async fn turn(guest: &mut Guest<'_>, source: &str) -> wasmtime::Result<i32> {
     let len = u32::try_from(source.len())?;
-    let ptr: i32 = guest::call(store, instance, "host_alloc", guest::abi(len)).await?;
+    let ptr: i32 = guest.call("host_alloc", guest::abi(len)).await?;
     if ptr == 0 {
         wasmtime::bail!("the interpreter could not allocate {len} bytes for the cell");
     }
-    guest::write(store, instance, guest::ptr(ptr), source.as_bytes())?;
-    guest::call(store, instance, "turn", (ptr, guest::abi(len))).await
+    guest.write(guest::ptr(ptr), source.as_bytes())?;
+    guest.call("turn", (ptr, guest::abi(len))).await
 }
 
-pub(super) async fn initialize(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
-) -> wasmtime::Result<()> {
-    guest::call::<(), ()>(store, instance, "_initialize", ()).await?;
+pub(super) async fn initialize(guest: &mut Guest<'_>) -> wasmtime::Result<()> {
+    guest.call::<(), ()>("_initialize", ()).await?;
     let imports: Vec<String> = PRELOADED_MODULES.iter().map(|m| json_literal(m)).collect();
     let bootstrap = format!(
         "exec(compile({source}, '<soulbox-driver>', 'exec'), \
@@ -95,7 +88,7 @@ pub(super) async fn initialize(
         source = json_literal(DRIVER_SOURCE),
         imports = imports.join(", "),
     );
-    let status = turn(store, instance, &bootstrap).await?;
+    let status = turn(guest, &bootstrap).await?;
     if status != 0 {
         wasmtime::bail!("loading the Python driver failed with status {status}");
     }
@@ -103,8 +96,7 @@ pub(super) async fn initialize(
 }
 
 pub(super) async fn run_cell(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
+    guest: &mut Guest<'_>,
     cell: &CellInput<'_>,
 ) -> wasmtime::Result<CellReport> {
     // The scratch directory belongs to the guest: read it only through a capability handle,
@@ -118,7 +110,7 @@ pub(super) async fn run_cell(
         env = json_literal(&env),
         fresh = if cell.fresh { "True" } else { "False" },
     );
-    turn(store, instance, &source).await?;
+    turn(guest, &source).await?;
     let too_large =
         || wasmtime::format_err!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
     let size = scratch.metadata(REPORT_PATH).map_err(|_| no_report())?.len();

@@ -2,10 +2,10 @@
 //! imports are denied. Strings and lists cross the boundary in the (old) canonical ABI:
 //! memory from `cabi_realloc`, results as a pointer to a (value, value) pair.
 
-use wasmtime::{Instance, Linker, Store};
+use wasmtime::Linker;
 
 use super::{CellInput, CellReport, MAX_REPORT_BYTES, parse_report};
-use crate::guest;
+use crate::guest::{self, Guest};
 use crate::kernel::KernelState;
 
 pub(super) const DRIVER_SOURCE: &str = include_str!("ruby_driver.rb");
@@ -22,65 +22,47 @@ pub(super) fn define_imports(linker: &mut Linker<KernelState>) -> wasmtime::Resu
 }
 
 /// Copies bytes (plus a NUL) into memory from `cabi_realloc`; the callee takes ownership.
-async fn alloc(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
-    bytes: &[u8],
-    align: i32,
-) -> wasmtime::Result<i32> {
+async fn alloc(guest: &mut Guest<'_>, bytes: &[u8], align: i32) -> wasmtime::Result<i32> {
     let len = u32::try_from(bytes.len())?;
-    let ptr: i32 =
-        guest::call(store, instance, "cabi_realloc", (0, 0, align, guest::abi(len + 1))).await?;
+    let ptr: i32 = guest.call("cabi_realloc", (0, 0, align, guest::abi(len + 1))).await?;
     if ptr == 0 {
         wasmtime::bail!("the Ruby heap could not allocate {len} bytes");
     }
-    guest::write(store, instance, guest::ptr(ptr), bytes)?;
-    guest::write(store, instance, guest::ptr(ptr) + len, &[0])?;
+    guest.write(guest::ptr(ptr), bytes)?;
+    guest.write(guest::ptr(ptr) + len, &[0])?;
     Ok(ptr)
 }
 
 /// Evaluates Ruby source; returns the result's handle and the protect state (0: no exception).
-async fn eval(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
-    source: &str,
-) -> wasmtime::Result<(u32, u32)> {
-    let ptr = alloc(store, instance, source.as_bytes(), 1).await?;
+async fn eval(guest: &mut Guest<'_>, source: &str) -> wasmtime::Result<(u32, u32)> {
+    let ptr = alloc(guest, source.as_bytes(), 1).await?;
     let len = guest::abi(u32::try_from(source.len())?);
-    let pair: i32 = guest::call(
-        store,
-        instance,
-        "rb-eval-string-protect: func(str: string) -> tuple<handle<rb-abi-value>, s32>",
-        (ptr, len),
-    )
-    .await?;
-    let handle = guest::read_u32(store, instance, guest::ptr(pair))?;
-    let state = guest::read_u32(store, instance, guest::ptr(pair) + 4)?;
+    let pair: i32 = guest
+        .call(
+            "rb-eval-string-protect: func(str: string) -> tuple<handle<rb-abi-value>, s32>",
+            (ptr, len),
+        )
+        .await?;
+    let handle = guest.read_u32(guest::ptr(pair))?;
+    let state = guest.read_u32(guest::ptr(pair) + 4)?;
     Ok((handle, state))
 }
 
-pub(super) async fn initialize(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
-) -> wasmtime::Result<()> {
-    guest::call::<(), ()>(store, instance, "_initialize", ()).await?;
+pub(super) async fn initialize(guest: &mut Guest<'_>) -> wasmtime::Result<()> {
+    guest.call::<(), ()>("_initialize", ()).await?;
     let mut list = Vec::new();
     for arg in RUBY_ARGS {
-        let ptr = alloc(store, instance, arg.as_bytes(), 1).await?;
+        let ptr = alloc(guest, arg.as_bytes(), 1).await?;
         list.extend_from_slice(&ptr.to_le_bytes());
         list.extend_from_slice(&u32::try_from(arg.len())?.to_le_bytes());
     }
-    let list_ptr = alloc(store, instance, &list, 4).await?;
+    let list_ptr = alloc(guest, &list, 4).await?;
     let count = i32::try_from(RUBY_ARGS.len())?;
-    guest::call::<(i32, i32), ()>(
-        store,
-        instance,
-        "ruby-init: func(args: list<string>) -> ()",
-        (list_ptr, count),
-    )
-    .await?;
-    guest::call::<(), ()>(store, instance, "ruby-init-loadpath: func() -> ()", ()).await?;
-    let (_, state) = eval(store, instance, DRIVER_SOURCE).await?;
+    guest
+        .call::<(i32, i32), ()>("ruby-init: func(args: list<string>) -> ()", (list_ptr, count))
+        .await?;
+    guest.call::<(), ()>("ruby-init-loadpath: func() -> ()", ()).await?;
+    let (_, state) = eval(guest, DRIVER_SOURCE).await?;
     if state != 0 {
         wasmtime::bail!("loading the Ruby driver raised an exception (state {state})");
     }
@@ -102,8 +84,7 @@ fn single_quoted(text: &str) -> String {
 }
 
 pub(super) async fn run_cell(
-    store: &mut Store<KernelState>,
-    instance: &Instance,
+    guest: &mut Guest<'_>,
     cell: &CellInput<'_>,
 ) -> wasmtime::Result<CellReport> {
     if cell.code.contains('\0') {
@@ -124,23 +105,18 @@ pub(super) async fn run_cell(
         single_quoted(&env),
         cell.fresh
     );
-    let (handle, state) = eval(store, instance, &source).await?;
+    let (handle, state) = eval(guest, &source).await?;
     if state != 0 {
         wasmtime::bail!("the cell replaced or broke the kernel's driver (state {state})");
     }
-    let pair: i32 = guest::call(
-        store,
-        instance,
-        "rstring-ptr: func(value: handle<rb-abi-value>) -> string",
-        guest::abi(handle),
-    )
-    .await?;
-    let ptr = guest::read_u32(store, instance, guest::ptr(pair))?;
-    let len = guest::read_u32(store, instance, guest::ptr(pair) + 4)?;
-    let json = guest::read(store, instance, ptr, len, MAX_REPORT_BYTES)?;
-    guest::call::<i32, ()>(store, instance, "cabi_post_rstring-ptr", pair).await?;
-    guest::call::<i32, ()>(store, instance, "canonical_abi_drop_rb-abi-value", guest::abi(handle))
+    let pair: i32 = guest
+        .call("rstring-ptr: func(value: handle<rb-abi-value>) -> string", guest::abi(handle))
         .await?;
+    let ptr = guest.read_u32(guest::ptr(pair))?;
+    let len = guest.read_u32(guest::ptr(pair) + 4)?;
+    let json = guest.read(ptr, len, MAX_REPORT_BYTES)?;
+    guest.call::<i32, ()>("cabi_post_rstring-ptr", pair).await?;
+    guest.call::<i32, ()>("canonical_abi_drop_rb-abi-value", guest::abi(handle)).await?;
     parse_report(&json)
 }
 

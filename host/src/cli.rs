@@ -169,6 +169,11 @@ impl Progress {
 impl soulbox_wasm::pack::InstallProgress for Progress {
     fn step(&self, language: &Language, step: soulbox_wasm::pack::InstallStep) {
         use soulbox_wasm::pack::InstallStep;
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            eprintln!("{language}: {}", step_message(step));
+            return;
+        }
         let mut bars = self.by_language.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(language.clone()).or_insert_with(|| {
             let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
@@ -181,19 +186,24 @@ impl soulbox_wasm::pack::InstallProgress for Progress {
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
-        let message = match step {
-            InstallStep::Downloading => "downloading with the registry's client",
-            InstallStep::Verifying => "verifying sha256 sums and unpacking",
-            InstallStep::PreInitialising => {
-                "pre-initialising the interpreter (Python: about 2 minutes)"
-            }
-            InstallStep::Compiling => "compiling the image to machine code",
-            InstallStep::Installed => {
-                bar.finish_with_message("installed");
-                return;
-            }
-        };
-        bar.set_message(message);
+        if step == InstallStep::Installed {
+            bar.finish_with_message(step_message(step));
+        } else {
+            bar.set_message(step_message(step));
+        }
+    }
+}
+
+fn step_message(step: soulbox_wasm::pack::InstallStep) -> &'static str {
+    use soulbox_wasm::pack::InstallStep;
+    match step {
+        InstallStep::Downloading => "downloading with the registry's client",
+        InstallStep::Verifying => "verifying sha256 sums and unpacking",
+        InstallStep::PreInitialising => {
+            "pre-initialising the interpreter (Python: about 2 minutes)"
+        }
+        InstallStep::Compiling => "compiling the image to machine code",
+        InstallStep::Installed => "installed",
     }
 }
 

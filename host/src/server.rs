@@ -134,12 +134,23 @@ async fn run(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> 
             return Err(error.into());
         }
     };
+    // The execution is driven by its own task, so the sandbox is discarded even when the
+    // client leaves before the end.
     if !request.stream {
-        let output = execution.collect().await;
-        app.discard(&sandbox).await;
+        let (done, output) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = done.send(execution.collect().await);
+            app.discard(&sandbox).await;
+        });
+        let output = output.await.map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "execution_lost",
+                "the execution ended without a result",
+            )
+        })?;
         return Ok(Json(output).into_response());
     }
-    // The execution is driven by its own task, so it is cleaned up even if the client leaves.
     let (lines, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let tier = execution.tier();
     tokio::spawn(async move {

@@ -120,6 +120,19 @@ impl WasmEngine {
         self.cache_path(wasm_sha256).is_file()
     }
 
+    /// Deletes cached modules whose wasm sha256 `keep` refuses.
+    pub(crate) fn prune_cache(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(entries) = std::fs::read_dir(&self.inner.cache_dir) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(sha256) = name.to_str().and_then(|n| n.split('-').next()) else { continue };
+            if !keep(sha256) {
+                tracing::debug!(file = ?entry.path(), "removing an unused precompiled module");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Loads a module: from the cache when it is there (a memory map), else compiles `wasm`
     /// and caches the result. `wasm_sha256` must be the sha256 of `wasm`'s contents.
     pub fn load_module(&self, wasm_sha256: &str, wasm: &Path) -> Result<Module, WasmError> {

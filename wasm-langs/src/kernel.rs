@@ -127,8 +127,26 @@ pub(crate) struct Kernel {
     driver: Driver,
     state: DriverState,
     output: CellOutput,
-    scratch: PathBuf,
+    scratch: ScratchDir,
     cells_run: u64,
+}
+
+/// A kernel's private scratch directory (its `/`), removed when dropped.
+#[derive(Debug)]
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(driver: Driver, path: PathBuf) -> Result<Self, WasmError> {
+        let scratch = Self(path);
+        prepare_scratch(driver, &scratch.0)?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// How a cell ended, and whether the kernel can run another.
@@ -150,15 +168,14 @@ impl Kernel {
         scratch: PathBuf,
         limits: &Limits,
     ) -> Result<Result<Self, Termination>, WasmError> {
-        prepare_scratch(driver, &scratch)?;
+        let scratch = ScratchDir::create(driver, scratch)?;
         let output = CellOutput::default();
-        let preopens = driver.preopens(pack_dir, &scratch, workspace);
+        let preopens = driver.preopens(pack_dir, &scratch.0, workspace);
         let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
         let mut store = new_store(pre.module().engine(), wasi, limits.memory_bytes);
         let instance = match pre.instantiate_async(&mut store).await {
             Ok(instance) => instance,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&scratch);
                 if store.data().limiter.exceeded() {
                     return Ok(Err(Termination::MemoryExceeded {
                         limit_bytes: limits.memory_bytes,
@@ -185,7 +202,7 @@ impl Kernel {
     ) -> CellEnd {
         self.output.begin(events, limits);
         self.store.data_mut().limiter = MemoryLimiter::new(limits.memory_bytes);
-        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch: &self.scratch };
+        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch: &self.scratch.0 };
         self.cells_run += 1;
         let run = self.driver.run_cell(&mut self.store, &self.instance, self.state, &cell);
         let outcome = tokio::time::timeout(limits.wall_timeout, run).await;
@@ -233,12 +250,6 @@ pub(crate) fn stopped(
         Termination::Crashed { reason: trap.to_string() }
     } else {
         Termination::Crashed { reason: format!("{error:#}") }
-    }
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 

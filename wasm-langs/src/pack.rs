@@ -215,9 +215,20 @@ pub async fn install(
     let staged = staging.keep();
     std::fs::rename(&staged, &target)
         .map_err(|source| WasmError::Io { path: target.clone(), source })?;
+    prune_module_cache(engine, data_dir);
     drop(lock);
     progress.step(&spec.language, InstallStep::Installed);
     Ok(record)
+}
+
+/// Removes precompiled modules that no installed pack uses any more (a Python image is about
+/// 300 MB). Kept: every installed pack's image and shipped module.
+fn prune_module_cache(engine: &WasmEngine, data_dir: &Path) {
+    let keep: Vec<String> = installed_packs(data_dir)
+        .into_iter()
+        .flat_map(|p| [p.image_sha256, p.spec.wasm.sha256])
+        .collect();
+    engine.prune_cache(|sha256| keep.iter().any(|k| k == sha256));
 }
 
 /// Removes staging directories of installs that were killed mid-way. Only called under the

@@ -19,12 +19,15 @@ fn main() {
     runtime.block_on(bench());
 }
 
+/// One fresh sandbox with one cell: returns the time from nothing to the cell's end (what a
+/// caller waits for) and the dispatcher's split (kernel start-up, cell run). Tearing the
+/// sandbox down happens after the answer and is left out here (the throughput run includes it).
 async fn fresh_cell(
     dispatcher: &Dispatcher,
     root: &std::path::Path,
     language: &Language,
     code: &str,
-) -> Duration {
+) -> (Duration, Duration, Duration) {
     let began = Instant::now();
     let sandbox = Arc::new(Sandbox::create(root, SandboxSpec::default()).expect("sandbox"));
     let output = dispatcher
@@ -32,14 +35,54 @@ async fn fresh_cell(
         .expect("dispatch")
         .collect()
         .await;
+    let took = began.elapsed();
     assert_eq!(output.results[0].data["text/plain"], "2", "{output:?}");
     dispatcher.close(&sandbox).await;
-    let took = began.elapsed();
     sandbox.remove_files().expect("cleanup");
-    took
+    let timings = output.timings;
+    (took, Duration::from_micros(timings.startup_us), Duration::from_micros(timings.run_us))
+}
+
+/// The real path of a program (`python3` is often a shim script that adds its own start-up).
+fn resolve(program: &str) -> Option<String> {
+    if program == "python3" {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .ok()?;
+        return Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    Some(program.to_owned())
+}
+
+/// The p50 of a trivial cell in a kernel that has already run one (the stateful-kernel case).
+async fn warm_cell(
+    dispatcher: &Dispatcher,
+    root: &std::path::Path,
+    language: &Language,
+    iterations: usize,
+) -> Duration {
+    let sandbox = Arc::new(Sandbox::create(root, SandboxSpec::default()).expect("sandbox"));
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..=iterations {
+        let began = Instant::now();
+        let output = dispatcher
+            .start(sandbox.clone(), ExecRequest::cell(language.clone(), "1 + 1"))
+            .expect("dispatch")
+            .collect()
+            .await;
+        samples.push(began.elapsed());
+        assert_eq!(output.results[0].data["text/plain"], "2", "{output:?}");
+    }
+    dispatcher.close(&sandbox).await;
+    sandbox.remove_files().expect("cleanup");
+    samples.remove(0);
+    samples.sort();
+    percentile(&samples, 50)
 }
 
 fn native(program: &str, language: &str) -> Option<Duration> {
+    let program = resolve(program)?;
     let args: &[&str] = match language {
         "python" => &["-c", "1 + 1"],
         "javascript" => &["-e", "1 + 1"],
@@ -48,7 +91,7 @@ fn native(program: &str, language: &str) -> Option<Duration> {
     let mut samples = Vec::new();
     for _ in 0..20 {
         let began = Instant::now();
-        let status = Command::new(program).args(args).status().ok()?;
+        let status = Command::new(&program).args(args).status().ok()?;
         if !status.success() {
             return None;
         }
@@ -71,16 +114,25 @@ async fn bench() {
         "{:<11} {:>11} {:>11} {:>14} {:>9} {:>14} {:>9}",
         "language", "p50", "p99", "no pre-init", "ratio", "native", "ratio"
     );
+    let mut splits = Vec::new();
     for (name, code, program) in CASES {
         let language = Language::parse(name);
         for _ in 0..10 {
             fresh_cell(&dispatcher, root.path(), &language, code).await;
         }
         let mut samples = Vec::with_capacity(iterations);
+        let mut startups = Vec::with_capacity(iterations);
+        let mut runs = Vec::with_capacity(iterations);
         for _ in 0..iterations {
-            samples.push(fresh_cell(&dispatcher, root.path(), &language, code).await);
+            let (took, startup, run) = fresh_cell(&dispatcher, root.path(), &language, code).await;
+            samples.push(took);
+            startups.push(startup);
+            runs.push(run);
         }
         samples.sort();
+        startups.sort();
+        runs.sort();
+        splits.push((name, percentile(&startups, 50), percentile(&runs, 50)));
         let p50 = percentile(&samples, 50);
         let p99 = percentile(&samples, 99);
         // The first call compiles the shipped module once (cached on disk afterwards).
@@ -107,6 +159,19 @@ async fn bench() {
             ratio(cold),
             native_p50,
             native_ratio
+        );
+    }
+
+    println!(
+        "\nwhere the time goes (p50): kernel start-up from the image, its first cell, a later cell"
+    );
+    for (name, startup, run) in splits {
+        let warm = warm_cell(&dispatcher, root.path(), &Language::parse(name), iterations).await;
+        println!(
+            "{name:<11} start-up {:>11}   first cell {:>11}   later cell {:>11}",
+            ms(startup),
+            ms(run),
+            ms(warm)
         );
     }
 

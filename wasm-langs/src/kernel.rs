@@ -127,7 +127,7 @@ pub(crate) struct Kernel {
     driver: Driver,
     state: DriverState,
     output: CellOutput,
-    scratch: ScratchDir,
+    scratch: Option<ScratchDir>,
     cells_run: u64,
 }
 
@@ -168,9 +168,11 @@ impl Kernel {
         scratch: PathBuf,
         limits: &Limits,
     ) -> Result<Result<Self, Termination>, WasmError> {
-        let scratch = ScratchDir::create(driver, scratch)?;
+        let scratch =
+            if driver.has_scratch() { Some(ScratchDir::create(driver, scratch)?) } else { None };
         let output = CellOutput::default();
-        let preopens = driver.preopens(pack_dir, &scratch.0, workspace);
+        let scratch_path = scratch.as_ref().map_or(Path::new(""), |s| s.0.as_path());
+        let preopens = driver.preopens(pack_dir, scratch_path, workspace);
         let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
         let mut store = new_store(pre.module().engine(), wasi, limits.memory_bytes);
         let instance = match pre.instantiate_async(&mut store).await {
@@ -202,7 +204,8 @@ impl Kernel {
     ) -> CellEnd {
         self.output.begin(events, limits);
         self.store.data_mut().limiter = MemoryLimiter::new(limits.memory_bytes);
-        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch: &self.scratch.0 };
+        let scratch = self.scratch.as_ref().map(|s| s.0.as_path());
+        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch };
         self.cells_run += 1;
         let run = self.driver.run_cell(&mut self.store, &self.instance, self.state, &cell);
         let outcome = tokio::time::timeout(limits.wall_timeout, run).await;
@@ -295,7 +298,7 @@ pub(crate) async fn run_without_image(
     driver.initialize(&mut store, &instance).await.map_err(failed)?;
     let state = driver.attach(&mut store, &instance).await.map_err(failed)?;
     let env = std::collections::BTreeMap::new();
-    let cell = CellInput { code, env: &env, fresh: true, scratch: &scratch };
+    let cell = CellInput { code, env: &env, fresh: true, scratch: Some(&scratch) };
     let report = driver.run_cell(&mut store, &instance, state, &cell).await.map_err(failed)?;
     Ok(Termination::Exited { code: report.exit_code })
 }

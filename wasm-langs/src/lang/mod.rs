@@ -1,8 +1,8 @@
 //! How each language's interpreter is driven: its directories, its imports, the sequence that
 //! pre-initialises it, and how one cell runs in it.
 //!
-//! Every driver keeps the same guest layout: `/` is the kernel's private scratch directory
-//! (holding `/tmp` and the driver's report file), `/home/user` is the sandbox's workspace,
+//! Every driver keeps the same guest layout: `/home/user` is the sandbox's workspace, `/` is
+//! the kernel's private scratch directory (holding `/tmp`) for interpreters that write files,
 //! and a language may add read-only library directories. Preopens are frozen into the
 //! pre-initialised image, so the order and guest paths here never change between the
 //! snapshot and the kernels made from it.
@@ -55,8 +55,8 @@ pub(crate) struct CellInput<'a> {
     /// Whether this is the kernel's first cell (it then reseeds its random generators, whose
     /// state was frozen into the image).
     pub(crate) fresh: bool,
-    /// The kernel's scratch directory on the host.
-    pub(crate) scratch: &'a Path,
+    /// The kernel's scratch directory on the host, for drivers that have one.
+    pub(crate) scratch: Option<&'a Path>,
 }
 
 /// What a cell produced besides its output, as the driver reports it.
@@ -85,7 +85,13 @@ impl Driver {
             Self::Ruby => (ruby::DRIVER_SOURCE, &[]),
         };
         let env: Vec<String> = self.base_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
-        crate::pack::hex_sha256(format!("{source}\0{preloaded:?}\0{env:?}").as_bytes())
+        let layout: Vec<String> = self
+            .preopens(Path::new(""), Path::new(""), Path::new(""))
+            .into_iter()
+            .map(|p| p.guest)
+            .collect();
+        let identity = format!("{source}\0{preloaded:?}\0{env:?}\0{layout:?}");
+        crate::pack::hex_sha256(identity.as_bytes())
     }
 
     /// The directories the guest sees, in their fixed order.
@@ -99,7 +105,9 @@ impl Driver {
             Self::Python => python::library_preopens(pack_dir),
             Self::Javascript | Self::Ruby => Vec::new(),
         };
-        preopens.push(Preopen { host: scratch.to_owned(), guest: "/".into(), writable: true });
+        if self.has_scratch() {
+            preopens.push(Preopen { host: scratch.to_owned(), guest: "/".into(), writable: true });
+        }
         preopens.push(Preopen {
             host: workspace.to_owned(),
             guest: GUEST_WORKSPACE.into(),
@@ -108,9 +116,18 @@ impl Driver {
         preopens
     }
 
+    /// Whether the interpreter gets a private scratch directory as `/` (QuickJS has no file
+    /// API, so the JavaScript kernel does without one).
+    pub(crate) fn has_scratch(self) -> bool {
+        match self {
+            Self::Python | Self::Ruby => true,
+            Self::Javascript => false,
+        }
+    }
+
     /// Subdirectories the scratch directory needs.
     pub(crate) fn scratch_dirs(self) -> &'static [&'static str] {
-        &["tmp", ".soulbox"]
+        if self.has_scratch() { &["tmp"] } else { &[] }
     }
 
     /// The environment the interpreter starts with (frozen into the image).

@@ -28,7 +28,7 @@ pub(crate) const MPL_DATA_DIR: &str = "mpl-data";
 pub(crate) const MPL_DATA_MEMBER: &str = "matplotlib/mpl-data.zip";
 
 /// Where the driver writes its report, relative to the scratch directory (`/` in the guest).
-const REPORT_PATH: &str = ".soulbox/report.json";
+const REPORT_PATH: &str = ".soulbox-report.json";
 
 fn no_report() -> wasmtime::Error {
     wasmtime::format_err!("the cell replaced or broke the kernel's driver; no report came back")
@@ -101,7 +101,10 @@ pub(super) async fn run_cell(
 ) -> wasmtime::Result<CellReport> {
     // The scratch directory belongs to the guest: read it only through a capability handle,
     // so a symlink planted there cannot lead the host out of it.
-    let scratch = cap_std::fs::Dir::open_ambient_dir(cell.scratch, cap_std::ambient_authority())?;
+    let scratch = cell
+        .scratch
+        .ok_or_else(|| wasmtime::format_err!("the Python kernel has no scratch directory"))?;
+    let scratch = cap_std::fs::Dir::open_ambient_dir(scratch, cap_std::ambient_authority())?;
     let _ = scratch.remove_file(REPORT_PATH);
     let env = serde_json::to_string(cell.env)?;
     let source = format!(

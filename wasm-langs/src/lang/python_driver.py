@@ -1,9 +1,10 @@
 # The SoulBox kernel driver for CPython, loaded once when the pack is pre-initialised.
 # `run` executes one cell in __main__'s namespace, Jupyter-style: the value of a final
 # expression and every open matplotlib figure become results, an exception becomes an error,
-# and the report goes to the host as JSON in /.soulbox/report.json.
+# and the report goes to the host as JSON in /.soulbox-report.json.
 import ast
 import base64
+import gc
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import random
 import sys
 import traceback
 
-REPORT_PATH = "/.soulbox/report.json"
+REPORT_PATH = "/.soulbox-report.json"
 MIME_METHODS = (
     ("text/html", "_repr_html_"),
     ("text/markdown", "_repr_markdown_"),
@@ -130,3 +131,7 @@ def initialize(imports):
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:
         pyplot.show = lambda *args, **kwargs: None
+    # Everything loaded so far lives in the image: move it out of the collector's reach, so a
+    # cell's garbage collection does not walk (and fault in) the whole preloaded heap.
+    gc.collect()
+    gc.freeze()

@@ -131,21 +131,26 @@ pub(crate) struct Kernel {
     cells_run: u64,
 }
 
-/// A kernel's private scratch directory (its `/`), removed when dropped.
+/// A kernel's private scratch directory (its `/`), with a capability handle for the host's
+/// own reads there; removed when dropped.
 #[derive(Debug)]
-struct ScratchDir(PathBuf);
+struct ScratchDir {
+    path: PathBuf,
+    dir: cap_std::fs::Dir,
+}
 
 impl ScratchDir {
     fn create(driver: Driver, path: PathBuf) -> Result<Self, WasmError> {
-        let scratch = Self(path);
-        prepare_scratch(driver, &scratch.0)?;
-        Ok(scratch)
+        prepare_scratch(driver, &path)?;
+        let dir = cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority())
+            .map_err(|source| WasmError::Io { path: path.clone(), source })?;
+        Ok(Self { path, dir })
     }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -171,7 +176,7 @@ impl Kernel {
         let scratch =
             if driver.has_scratch() { Some(ScratchDir::create(driver, scratch)?) } else { None };
         let output = CellOutput::default();
-        let scratch_path = scratch.as_ref().map_or(Path::new(""), |s| s.0.as_path());
+        let scratch_path = scratch.as_ref().map_or(Path::new(""), |s| s.path.as_path());
         let preopens = driver.preopens(pack_dir, scratch_path, workspace);
         let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
         let mut store = new_store(pre.module().engine(), wasi, limits.memory_bytes);
@@ -204,8 +209,9 @@ impl Kernel {
     ) -> CellEnd {
         self.output.begin(events, limits);
         self.store.data_mut().limiter = MemoryLimiter::new(limits.memory_bytes);
-        let scratch = self.scratch.as_ref().map(|s| s.0.as_path());
-        let cell = CellInput { code, env, fresh: self.cells_run == 0, scratch };
+        let scratch = self.scratch.as_ref().map(|s| &s.dir);
+        let cell =
+            CellInput { code, env, number: self.cells_run, fresh: self.cells_run == 0, scratch };
         self.cells_run += 1;
         let run = self.driver.run_cell(&mut self.store, &self.instance, self.state, &cell);
         let outcome = tokio::time::timeout(limits.wall_timeout, run).await;
@@ -283,7 +289,7 @@ pub(crate) async fn run_without_image(
         .map_err(|source| WasmError::Io { path: std::env::temp_dir(), source })?;
     let scratch = dirs.path().join("scratch");
     let workspace = dirs.path().join("workspace");
-    prepare_scratch(driver, &scratch)?;
+    let scratch_dir = ScratchDir::create(driver, scratch.clone())?;
     std::fs::create_dir_all(&workspace)
         .map_err(|source| WasmError::Io { path: workspace.clone(), source })?;
     let output = CellOutput::default();
@@ -298,7 +304,8 @@ pub(crate) async fn run_without_image(
     driver.initialize(&mut store, &instance).await.map_err(failed)?;
     let state = driver.attach(&mut store, &instance).await.map_err(failed)?;
     let env = std::collections::BTreeMap::new();
-    let cell = CellInput { code, env: &env, fresh: true, scratch: Some(&scratch) };
+    let cell =
+        CellInput { code, env: &env, number: 0, fresh: true, scratch: Some(&scratch_dir.dir) };
     let report = driver.run_cell(&mut store, &instance, state, &cell).await.map_err(failed)?;
     Ok(Termination::Exited { code: report.exit_code })
 }

@@ -55,8 +55,10 @@ pub(crate) struct CellInput<'a> {
     /// Whether this is the kernel's first cell (it then reseeds its random generators, whose
     /// state was frozen into the image).
     pub(crate) fresh: bool,
+    /// The cell's number in its kernel, from 0.
+    pub(crate) number: u64,
     /// The kernel's scratch directory on the host, for drivers that have one.
-    pub(crate) scratch: Option<&'a Path>,
+    pub(crate) scratch: Option<&'a cap_std::fs::Dir>,
 }
 
 /// What a cell produced besides its output, as the driver reports it.

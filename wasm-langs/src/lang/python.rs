@@ -27,7 +27,7 @@ pub(crate) const MPL_DATA_DIR: &str = "mpl-data";
 /// The inner archive of matplotlib's data inside the stdlib zip.
 pub(crate) const MPL_DATA_MEMBER: &str = "matplotlib/mpl-data.zip";
 
-/// Where the driver writes its report, relative to the scratch directory (`/` in the guest).
+/// Where the driver writes its reports, relative to the scratch directory (`/` in the guest).
 const REPORT_PATH: &str = ".soulbox-report.json";
 
 fn no_report() -> wasmtime::Error {
@@ -99,28 +99,42 @@ pub(super) async fn run_cell(
     guest: &mut Guest<'_>,
     cell: &CellInput<'_>,
 ) -> wasmtime::Result<CellReport> {
-    // The scratch directory belongs to the guest: read it only through a capability handle,
-    // so a symlink planted there cannot lead the host out of it.
-    let scratch = cell
-        .scratch
-        .ok_or_else(|| wasmtime::format_err!("the Python kernel has no scratch directory"))?;
-    let scratch = cap_std::fs::Dir::open_ambient_dir(scratch, cap_std::ambient_authority())?;
-    let _ = scratch.remove_file(REPORT_PATH);
     let env = serde_json::to_string(cell.env)?;
     let source = format!(
-        "__import__('_soulbox').run({code}, __import__('json').loads({env}), {fresh})",
+        "__import__('_soulbox').run({number}, {code}, __import__('json').loads({env}), {fresh})",
+        number = cell.number,
         code = json_literal(cell.code),
         env = json_literal(&env),
         fresh = if cell.fresh { "True" } else { "False" },
     );
     turn(guest, &source).await?;
-    let too_large =
-        || wasmtime::format_err!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
-    let size = scratch.metadata(REPORT_PATH).map_err(|_| no_report())?.len();
-    if size > u64::try_from(MAX_REPORT_BYTES)? {
-        return Err(too_large());
+    let scratch = cell
+        .scratch
+        .ok_or_else(|| wasmtime::format_err!("the Python kernel has no scratch directory"))?;
+    read_report(scratch, cell.number)
+}
+
+/// Reads the report of cell `number`. The scratch directory belongs to the guest: it is read
+/// only through a capability handle, so a symlink planted there cannot lead the host out.
+fn read_report(scratch: &cap_std::fs::Dir, number: u64) -> wasmtime::Result<CellReport> {
+    use std::io::Read;
+    let mut file = scratch.open(REPORT_PATH).map_err(|_| no_report())?;
+    let mut header = [0u8; 32];
+    file.read_exact(&mut header).map_err(|_| no_report())?;
+    let field = |range: std::ops::Range<usize>| {
+        std::str::from_utf8(&header[range]).ok().and_then(|h| u64::from_str_radix(h, 16).ok())
+    };
+    let (Some(reported), Some(len)) = (field(0..16), field(16..32)) else {
+        return Err(no_report());
+    };
+    if reported != number {
+        return Err(no_report());
     }
-    let report = scratch.read(REPORT_PATH).map_err(|_| no_report())?;
+    if len > u64::try_from(MAX_REPORT_BYTES)? {
+        wasmtime::bail!("the cell's report is larger than {MAX_REPORT_BYTES} bytes");
+    }
+    let mut report = vec![0; usize::try_from(len)?];
+    file.read_exact(&mut report).map_err(|_| no_report())?;
     parse_report(&report)
 }
 

@@ -289,7 +289,11 @@ pub(crate) async fn run_without_image(
         .map_err(|source| WasmError::Io { path: std::env::temp_dir(), source })?;
     let scratch = dirs.path().join("scratch");
     let workspace = dirs.path().join("workspace");
-    let scratch_dir = ScratchDir::create(driver, scratch.clone())?;
+    let scratch_dir = if driver.has_scratch() {
+        Some(ScratchDir::create(driver, scratch.clone())?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&workspace)
         .map_err(|source| WasmError::Io { path: workspace.clone(), source })?;
     let output = CellOutput::default();
@@ -304,8 +308,13 @@ pub(crate) async fn run_without_image(
     driver.initialize(&mut store, &instance).await.map_err(failed)?;
     let state = driver.attach(&mut store, &instance).await.map_err(failed)?;
     let env = std::collections::BTreeMap::new();
-    let cell =
-        CellInput { code, env: &env, number: 0, fresh: true, scratch: Some(&scratch_dir.dir) };
+    let cell = CellInput {
+        code,
+        env: &env,
+        number: 0,
+        fresh: true,
+        scratch: scratch_dir.as_ref().map(|s| &s.dir),
+    };
     let report = driver.run_cell(&mut store, &instance, state, &cell).await.map_err(failed)?;
     Ok(Termination::Exited { code: report.exit_code })
 }

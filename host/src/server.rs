@@ -107,7 +107,17 @@ struct RunRequest {
     stream: bool,
 }
 
-async fn run(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
+async fn run(
+    State(app): State<App>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        let message = format!(
+            "{} (requests are limited to {MAX_REQUEST_BODY_BYTES} bytes)",
+            rejection.body_text()
+        );
+        ApiError::new(rejection.status(), "request_rejected", message)
+    })?;
     let request: RunRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
     if request.code.len() > MAX_CODE_BYTES {

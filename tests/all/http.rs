@@ -119,6 +119,16 @@ async fn oversized_code_is_refused_with_413() {
 }
 
 #[tokio::test]
+async fn oversized_body_is_refused_with_413_in_json() {
+    let base = serve().await;
+    let body = vec![b' '; soulbox_host::server::MAX_REQUEST_BODY_BYTES + 1];
+    let (status, body) = request("POST", &format!("{base}/v1/run"), Some(body)).await;
+    assert_eq!(status, 413);
+    let body: Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert_eq!(body["error"]["code"], "request_rejected");
+}
+
+#[tokio::test]
 async fn unknown_language_and_bad_json_are_400_with_clear_messages() {
     let base = serve().await;
     let (status, body) =

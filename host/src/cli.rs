@@ -13,6 +13,8 @@ use crate::app::{App, default_data_dir};
 
 /// Exit code for a usage or setup error (bad flags, unknown language, missing pack).
 const EXIT_USAGE: u8 = 2;
+/// Exit code after Ctrl-C, as a shell reports SIGINT.
+const EXIT_INTERRUPTED: u8 = 130;
 /// Exit code when SoulBox itself failed.
 const EXIT_INTERNAL: u8 = 70;
 
@@ -309,7 +311,16 @@ async fn run(app: &App, args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    let exit = if args.json { print_json(execution).await? } else { stream(execution).await? };
+    let finished =
+        async { if args.json { print_json(execution).await } else { stream(execution).await } };
+    // Ctrl-C stops the code and still removes the sandbox, as a shell's child would be stopped.
+    let exit = tokio::select! {
+        exit = finished => exit?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("soulbox: interrupted");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+    };
     app.discard(&sandbox).await;
     Ok(exit)
 }

@@ -147,9 +147,13 @@ async fn run(
     // The execution is driven by its own task, so the sandbox is discarded even when the
     // client leaves before the end.
     if !request.stream {
-        let (done, output) = tokio::sync::oneshot::channel();
+        let (mut done, output) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let _ = done.send(execution.collect().await);
+            // A client that hangs up stops the execution (dropping it cancels the work).
+            tokio::select! {
+                output = execution.collect() => { let _ = done.send(output); }
+                () = done.closed() => {}
+            }
             app.discard(&sandbox).await;
         });
         let output = output.await.map_err(|_| {
@@ -166,9 +170,11 @@ async fn run(
     tokio::spawn(async move {
         let mut execution = execution;
         while let Some(event) = execution.next_event().await {
-            let line = event_line(tier, &event);
-            let _ = lines.send(Ok(line)).await;
+            if lines.send(Ok(event_line(tier, &event))).await.is_err() {
+                break; // the client hung up: dropping the execution stops it
+            }
         }
+        drop(execution);
         app.discard(&sandbox).await;
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(body);

@@ -185,7 +185,9 @@ impl Dispatcher {
     }
 
     /// Starts an execution: routes it, then runs it in the background. Its events arrive on the
-    /// returned [`Execution`] as they are produced; the last is `End` or `Failed`.
+    /// returned [`Execution`] as they are produced; the last is `End` or `Failed`. Dropping the
+    /// `Execution` stops the execution (the backend's work is cancelled). Must be called from
+    /// within a tokio runtime.
     pub fn start(
         &self,
         sandbox: Arc<Sandbox>,
@@ -197,7 +199,14 @@ impl Dispatcher {
         let accepted = Instant::now();
         tracing::debug!(sandbox = %sandbox.id(), %tier, "dispatching execution");
         tokio::spawn(async move {
-            let event = match backend.exec(&sandbox, request, &sink).await {
+            let outcome = tokio::select! {
+                outcome = backend.exec(&sandbox, request, &sink) => outcome,
+                () = sink.closed() => {
+                    tracing::debug!(sandbox = %sandbox.id(), "execution abandoned by its caller; stopped");
+                    return;
+                }
+            };
+            let event = match outcome {
                 Ok(outcome) => ExecEvent::End(ExecSummary {
                     termination: outcome.termination,
                     tier,

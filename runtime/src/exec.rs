@@ -295,6 +295,11 @@ impl EventSink {
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
     }
+
+    /// Completes when the receiver is gone.
+    pub async fn closed(&self) {
+        self.0.closed().await;
+    }
 }
 
 #[cfg(test)]

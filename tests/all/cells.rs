@@ -94,6 +94,14 @@ async fn syntax_errors_are_errors_not_crashes() {
 }
 
 #[tokio::test]
+async fn javascript_console_formats_objects_as_node_does() {
+    let (dispatcher, sandbox, _dir) = sandbox().await;
+    let code = "console.log({a: 1, b: [1, 'x']}, 'text', 2); console.error('oops')";
+    let output = run(&dispatcher, &sandbox, cell("javascript", code)).await;
+    assert_eq!(output.stdout, "{ a: 1, b: [ 1, \"x\" ] } text 2\noops\n");
+}
+
+#[tokio::test]
 async fn python_exit_code_is_the_termination() {
     let (dispatcher, sandbox, _dir) = sandbox().await;
     let output = run(&dispatcher, &sandbox, cell("python", "import sys\nsys.exit(3)")).await;

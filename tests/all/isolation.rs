@@ -50,3 +50,24 @@ async fn closing_a_sandbox_releases_its_kernels_and_scratch() {
     .await;
     assert_eq!(output.results[0].data["text/plain"], "False", "a closed sandbox's state is gone");
 }
+
+#[tokio::test]
+async fn dropping_an_execution_stops_it_and_frees_its_kernel() {
+    let (dispatcher, sandbox, _dir) = sandbox().await;
+    let python = Language::parse("python");
+    run(&dispatcher, &sandbox, ExecRequest::cell(python.clone(), "before = 1")).await;
+    let spinning = dispatcher
+        .start(sandbox.clone(), ExecRequest::cell(python.clone(), "while True:\n    pass"))
+        .expect("dispatched");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(spinning);
+    let began = std::time::Instant::now();
+    dispatcher.close(&sandbox).await;
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(1),
+        "closing waited {:?} for a cell nobody listens to",
+        began.elapsed()
+    );
+    let output = run(&dispatcher, &sandbox, ExecRequest::cell(python, "'before' in globals()")).await;
+    assert_eq!(output.results[0].data["text/plain"], "False", "the stopped kernel was replaced");
+}

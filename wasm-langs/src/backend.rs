@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use soulbox_runtime::{
@@ -152,43 +152,43 @@ impl WasmBackend {
             install_command: pack::install_command(language),
         })?;
         let slot = self.slot(sandbox.id(), language);
-        let mut kernel = slot.lock().await;
+        let mut parked = slot.lock().await;
         let startup_began = Instant::now();
-        if kernel.is_none() {
-            let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
-            let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
-            let spec = &pack.record.spec;
-            match Kernel::start(
-                &pack.image,
-                spec.driver,
-                &pack.dir,
-                sandbox.workspace(),
-                scratch,
-                &request.limits,
-            )
-            .await?
-            {
-                Ok(started) => *kernel = Some(started),
-                Err(termination) => {
-                    return Ok(BackendOutcome {
-                        termination,
-                        startup: startup_began.elapsed(),
-                        run: std::time::Duration::ZERO,
-                    });
+        // The kernel is taken out of its slot while it runs and put back only if it can run
+        // another cell: if this future is dropped mid-cell (the caller left, the sandbox is
+        // closing), the half-run kernel is dropped with it.
+        let mut kernel = match parked.take() {
+            Some(kernel) => kernel,
+            None => {
+                let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
+                let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
+                let spec = &pack.record.spec;
+                let started = Kernel::start(
+                    &pack.image,
+                    spec.driver,
+                    &pack.dir,
+                    sandbox.workspace(),
+                    scratch,
+                    &request.limits,
+                )
+                .await?;
+                match started {
+                    Ok(kernel) => kernel,
+                    Err(termination) => {
+                        let startup = startup_began.elapsed();
+                        return Ok(BackendOutcome { termination, startup, run: Duration::ZERO });
+                    }
                 }
             }
-        }
-        let startup = startup_began.elapsed();
-        let Some(running) = kernel.as_mut() else {
-            return Err(WasmError::Sandbox("the kernel vanished while starting".into()));
         };
+        let startup = startup_began.elapsed();
         let mut env = sandbox.spec().env.clone();
         env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let run_began = Instant::now();
-        let end = running.run_cell(code, &env, &request.limits, events).await;
+        let end = kernel.run_cell(code, &env, &request.limits, events).await;
         let run = run_began.elapsed();
-        if !end.reusable {
-            *kernel = None;
+        if end.reusable {
+            *parked = Some(kernel);
         }
         Ok(BackendOutcome { termination: end.termination, startup, run })
     }

@@ -28,6 +28,13 @@
     s1 = x ^ y ^ (x >> 17n) ^ (y >> 26n);
     return Number(((s1 + y) & mask) >> 11n) / 2 ** 53;
   };
+  // console formats its arguments as Node does. QuickJS without its std module has no stderr,
+  // so warnings and errors go to stdout too.
+  const write = console.log;
+  const format = (...args) => args.map((a) => inspect(a)).join(" ");
+  for (const name of ["log", "info", "debug", "warn", "error"]) {
+    console[name] = (...args) => write(format(...args));
+  }
   globalThis.process = { env: {} };
   globalThis.__soulbox = {
     begin(env, seed) {

@@ -2,7 +2,13 @@
 //! filter, for what a WASI module cannot run (native toolchains, shell, Docker-style
 //! templates, browsers).
 //!
-//! Not built yet: this crate only holds the tier's place in the workspace so that the
-//! dependency direction is fixed from the start. Until it implements
-//! [`soulbox_runtime::Backend`], the dispatcher has no native tier, and executions that need it
-//! are refused with a clear error (never run with less isolation).
+//! Built so far: the seccomp policy ([`seccomp`]), as checked-in data with probes showing each
+//! refused syscall reaches the kernel natively and is refused under the filter. The rest of the
+//! isolation sequence (namespaces, root, cgroups, the sandbox's init process) and the
+//! [`soulbox_runtime::Backend`] implementation come next; until then the dispatcher has no
+//! native tier, and executions that need it are refused with a clear error (never run with
+//! less isolation).
+
+pub mod seccomp;
+#[allow(unsafe_code, reason = "the native tier's kernel calls live here, each block justified")]
+mod sys;

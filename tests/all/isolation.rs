@@ -68,6 +68,7 @@ async fn dropping_an_execution_stops_it_and_frees_its_kernel() {
         "closing waited {:?} for a cell nobody listens to",
         began.elapsed()
     );
-    let output = run(&dispatcher, &sandbox, ExecRequest::cell(python, "'before' in globals()")).await;
+    let output =
+        run(&dispatcher, &sandbox, ExecRequest::cell(python, "'before' in globals()")).await;
     assert_eq!(output.results[0].data["text/plain"], "False", "the stopped kernel was replaced");
 }

@@ -224,7 +224,7 @@ async fn install(app: &App, languages: &[String]) -> anyhow::Result<ExitCode> {
         }
     }
     if specs.is_empty() {
-        specs = manifest;
+        specs = manifest.to_vec();
     }
     let progress = Progress::new();
     let mut failed = false;
@@ -239,7 +239,7 @@ async fn install(app: &App, languages: &[String]) -> anyhow::Result<ExitCode> {
 
 fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
     let rows: Vec<serde_json::Value> = soulbox_wasm::pack::manifest()
-        .into_iter()
+        .iter()
         .map(|spec| {
             let installed = soulbox_wasm::pack::installed(app.data_dir(), &spec.language);
             serde_json::json!({
@@ -384,7 +384,7 @@ fn exit_code(code: i32) -> ExitCode {
 async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
-            .into_iter()
+            .iter()
             .filter(|spec| app.wasm().pack(&spec.language).is_none())
             .collect();
         if !missing.is_empty() {

@@ -31,7 +31,7 @@ async fn install_all() -> Arc<WasmBackend> {
         if backend.pack(&spec.language).is_none() {
             eprintln!("installing the {} pack into {} (once)", spec.language, data_dir.display());
             backend
-                .install(&spec, &soulbox_wasm::pack::NoProgress)
+                .install(spec, &soulbox_wasm::pack::NoProgress)
                 .await
                 .unwrap_or_else(|e| panic!("installing the {} pack: {e}", spec.language));
         }

@@ -202,7 +202,7 @@ impl Backend for WasmBackend {
 
     fn languages(&self) -> Vec<LanguageSupport> {
         pack::manifest()
-            .into_iter()
+            .iter()
             .map(|spec| {
                 let status = if self.pack(&spec.language).is_some() {
                     LanguageStatus::Ready
@@ -211,7 +211,7 @@ impl Backend for WasmBackend {
                         install_command: pack::install_command(&spec.language),
                     }
                 };
-                LanguageSupport { language: spec.language, status }
+                LanguageSupport { language: spec.language.clone(), status }
             })
             .collect()
     }

@@ -9,6 +9,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -86,15 +87,19 @@ struct Manifest {
     packs: Vec<PackSpec>,
 }
 
-/// Every pack in the checked-in manifest.
-pub fn manifest() -> Vec<PackSpec> {
-    // The manifest is compiled in and covered by tests; failing to parse it is a build defect.
-    serde_json::from_str::<Manifest>(MANIFEST_JSON).map(|m| m.packs).unwrap_or_default()
+/// Every pack in the checked-in manifest (parsed once; the dispatcher asks on every execution).
+pub fn manifest() -> &'static [PackSpec] {
+    static PACKS: LazyLock<Vec<PackSpec>> = LazyLock::new(|| {
+        // The manifest is compiled in and covered by tests; failing to parse it is a build
+        // defect.
+        serde_json::from_str::<Manifest>(MANIFEST_JSON).map(|m| m.packs).unwrap_or_default()
+    });
+    &PACKS
 }
 
 /// The manifest's pack for a language.
 pub fn pack_spec(language: &Language) -> Option<PackSpec> {
-    manifest().into_iter().find(|p| &p.language == language)
+    manifest().iter().find(|p| &p.language == language).cloned()
 }
 
 /// The command that installs a language's pack.

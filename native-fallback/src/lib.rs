@@ -2,35 +2,355 @@
 //! filter, for what a WASI module cannot run (native toolchains, shell, Docker-style
 //! templates, browsers).
 //!
-//! Built so far: the seccomp policy ([`seccomp`]), as checked-in data, with probes showing that
-//! each refused syscall reaches the kernel natively and is refused under the filter. Until the
-//! rest exists the dispatcher has no native tier, and executions that need it are refused with
-//! a clear error (never run with less isolation).
+//! A sandbox is held by its init process, `soulbox-init` (the `init/` package beside this
+//! crate): PID 1 of the sandbox's pid namespace, which runs the isolation sequence once and
+//! then starts, reaps and signals the sandbox's processes on the host's request, so that
+//! several commands and background processes share one sandbox over its lifetime. Init is
+//! built with this crate, embedded in it and run from a sealed memfd: no file the guest can
+//! reach is ever executed by the host, and the guest cannot write the binary it runs (the
+//! CVE-2019-5736 class).
 //!
-//! # Plan for the rest of the isolation sequence
+//! # The isolation sequence
 //!
-//! In the order the code will run it, failing closed at every step (the spike that proved each
-//! step on these machines is `shared/reference/native-and-wasmtime-notes.md`, section 3):
+//! In the order the code runs it. Every step either succeeds or the sandbox is refused (init
+//! reports the failed step, the host kills it and removes what it made): there is no path
+//! that runs guest code with less isolation than asked.
 //!
-//! 1. `clone` with user, pid, mount, net, uts, ipc and cgroup namespaces from a small
-//!    single-threaded helper (a multi-threaded server must not allocate between `clone` and
-//!    `execve`); the parent writes `uid_map`/`gid_map`, joins the cgroup, then releases the
-//!    child through a pipe; a second pipe carries any setup error back.
-//! 2. In the child: `setresuid/setresgid(0)`, mounts made private, a tmpfs root with `/usr`
-//!    bound read-only (plus the merged-usr symlinks), an allow-listed `/etc`, the workspace
-//!    read-write at `/home/user`, a size-limited tmpfs `/tmp`, a private `/dev` and devpts, a
-//!    fresh `/proc` with the usual paths masked, then `pivot_root` and the old root detached.
-//! 3. Hostname, rlimits, capability bounding set cleared, `setgroups([])` and the sandbox user,
-//!    `no_new_privs`, every fd but 0-2 closed, the seccomp filters, `execve` with an
-//!    allow-listed environment.
+//! On the host ([`NativeSandbox`]'s start):
 //!
-//! Open design point, to settle first: the uid mapping. The WASM tier writes workspace files as
-//! the server's own user, and the sandbox's user must be able to change them (and the other
-//! way round). Either the workspace is bound through an idmapped mount (`mount_setattr` with
-//! `MOUNT_ATTR_IDMAP`, kernel 5.12+, supported by ext4, xfs and tmpfs 6.3+) so the server's uid
-//! appears as the sandbox user inside, or the sandbox user is mapped to the server's uid
-//! directly (simpler, but then a namespace escape lands as that user).
+//! 1. **Control group** `soulbox/<sandbox>` in every hierarchy (cgroup v1) or the unified one
+//!    (v2), through cgroups-rs: memory limit with swap forbidden, a process count, a CPU quota.
+//! 2. **Detached mounts** (`open_tree(OPEN_TREE_CLONE)` + `mount_setattr`): the host's `/usr`
+//!    (plus `/bin`, `/lib*`, `/sbin` where they are directories) and an allow-listed copy of
+//!    `/etc`, read-only, nosuid, nodev; the sandbox's workspace read-write, nosuid, nodev,
+//!    **idmapped** so that files the server owns on disk belong to the sandbox user inside and
+//!    files the sandbox user creates are the server's on disk (the WASM tier and the native
+//!    tier share the workspace without `chown`).
+//! 3. **Namespaces**: `clone(CLONE_VM | CLONE_VFORK)` with new user, pid, mount, network, UTS
+//!    and IPC namespaces; the child's only work is to set descriptors 0-2 to `/dev/null`, 3
+//!    to its end of the control socket, and `execveat` the sealed init image with an empty
+//!    environment.
+//! 4. **Id maps**: the sandbox's ids 0..65536 map to the host's 100000.. ([`SANDBOX_UID_BASE`]);
+//!    nothing in a sandbox runs as a host user that exists.
+//! 5. **Join the control group**, then send the plan with the detached mounts.
+//!
+//! In init (`native-fallback/init/src/setup.rs`), as root of its own user namespace:
+//!
+//! 6. Become root of the user namespace; make every mount private.
+//! 7. **New root**: a small tmpfs with the layers and the workspace attached (`move_mount`),
+//!    links for merged-usr, a private size-limited `/tmp`.
+//! 8. **Private `/dev`**: a tmpfs with only null, zero, full, random, urandom and tty (bound
+//!    from the host's), a new devpts instance, a size-limited `/dev/shm`.
+//! 9. **Fresh `/proc`** for the new pid namespace, Docker's masked paths hidden (`kcore`,
+//!    `keys`, `timer_list`, `sched_debug`, ...), `sys`, `sysrq-trigger`, `irq`, `bus`, `fs`
+//!    read-only. No `/sys` at all.
+//! 10. **`pivot_root`** into the new root, the old root detached; the root made read-only.
+//! 11. Host name; loopback up (the network namespace has nothing else: no network); a new
+//!     cgroup namespace rooted at the sandbox's group.
+//! 12. **rlimits** as a backstop: open files, file size, no core dumps, stack.
+//! 13. **Capabilities**: the bounding set emptied; then no supplementary groups and the
+//!     sandbox user (1000) for real, effective and saved ids, which clears the permitted and
+//!     effective sets; the ambient and inheritable sets cleared.
+//! 14. **`no_new_privs`**; init made undumpable (its memory and `/proc` files are not the
+//!     guest's to read).
+//! 15. **seccomp**: the filters of [`seccomp`], in order, inherited by every process.
+//! 16. Init says it is ready. Every process it starts gets only the environment the host
+//!     sends (built from an allow-list, never the server's own), descriptors 0-2 from the
+//!     host and nothing else (every other descriptor init holds is close-on-exec), its own
+//!     process group.
+//!
+//! When the sandbox ends, the host kills init, which takes every process of the pid
+//! namespace with it, reaps it, kills whatever is left in the control group and removes the
+//! group. The mounts existed only in the sandbox's mount namespace and vanish with it.
 
+mod backend;
+mod cgroup;
+mod control;
+#[allow(dead_code, reason = "the protocol is shared with init, which uses other parts")]
+mod protocol;
+mod rootfs;
+mod sandbox;
 pub mod seccomp;
 #[allow(unsafe_code, reason = "the native tier's kernel calls live here, each block justified")]
 mod sys;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+
+pub use backend::{NativeBackend, NativeLanguage};
+pub use cgroup::{CgroupError, CgroupLimits, host_version as cgroup_version};
+pub use protocol::ExitStatus;
+use protocol::{BpfInstruction, SetupPlan};
+use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
+pub use rootfs::{
+    RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE,
+};
+pub use sandbox::{NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec};
+use seccomp::{SeccompError, SeccompFilters};
+
+/// The init binary, built by `build.rs`.
+static INIT_BINARY: &[u8] = include_bytes!(env!("SOULBOX_INIT_BINARY"));
+
+/// A host-side step that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupStep {
+    /// Creating the control socket.
+    ControlSocket,
+    /// Cloning init into new namespaces.
+    Clone,
+    /// Becoming root of the new user namespace and executing init.
+    Exec,
+    /// Writing init's uid and gid maps.
+    IdMap,
+    /// Making a process's pipes.
+    Pipes,
+    /// Loading the init image into a sealed memfd.
+    InitImage,
+    /// Making the user namespace of the workspace's idmapped mount.
+    WorkspaceIdMap,
+}
+
+impl std::fmt::Display for SetupStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ControlSocket => "control socket",
+            Self::Clone => "clone into new namespaces",
+            Self::Exec => "become root of the user namespace and execute init",
+            Self::IdMap => "write the id maps",
+            Self::Pipes => "make the process's pipes",
+            Self::InitImage => "load the init image",
+            Self::WorkspaceIdMap => "make the workspace's id mapping",
+        })
+    }
+}
+
+/// SoulBox failed to build or use a native sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    /// A host-side step failed.
+    #[error("native sandbox: {step}: {errno}")]
+    Host {
+        /// The step.
+        step: SetupStep,
+        /// The kernel's answer.
+        errno: nix::Error,
+    },
+    /// A step of init's isolation sequence failed.
+    #[error("native sandbox: isolation step `{step}` failed: {error}")]
+    Setup {
+        /// The step, as named in the crate docs.
+        step: String,
+        /// The kernel's answer.
+        error: String,
+    },
+    /// The control group could not be made or used.
+    #[error("native sandbox: {0}")]
+    Cgroup(#[from] CgroupError),
+    /// The root could not be prepared.
+    #[error("native sandbox: {0}")]
+    Rootfs(#[from] RootfsError),
+    /// The seccomp policy did not compile.
+    #[error("native sandbox: {0}")]
+    Seccomp(#[from] SeccompError),
+    /// A process could not be started.
+    #[error("{message}")]
+    Spawn {
+        /// The errno (`ENOENT`: no such command).
+        errno: i32,
+        /// What failed.
+        message: String,
+    },
+    /// The sandbox's init is gone.
+    #[error("the native sandbox has ended")]
+    SandboxEnded,
+    /// Removing the sandbox failed.
+    #[error("native sandbox teardown: {0}")]
+    Teardown(String),
+    /// This host cannot run native sandboxes.
+    #[error("the native tier is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl NativeError {
+    fn host(step: SetupStep, errno: nix::Error) -> Self {
+        Self::Host { step, errno }
+    }
+}
+
+/// Settings of the native tier. The defaults are closed: no network, the limits below.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeConfig {
+    /// Where the tier keeps its prepared files (the sandbox `/etc`).
+    pub state_dir: PathBuf,
+    /// Size of each sandbox's private `/tmp`.
+    pub tmp_bytes: u64,
+    /// Size of each sandbox's `/dev/shm`.
+    pub shm_bytes: u64,
+    /// Processes and threads per sandbox.
+    pub max_processes: u64,
+    /// CPU time per 100 ms, in microseconds (100 000 is one CPU).
+    pub cpu_quota_us: u64,
+    /// Open files per process.
+    pub open_files: u64,
+    /// The largest file a process may write.
+    pub file_bytes: u64,
+}
+
+/// Default size of a sandbox's `/tmp`.
+pub const DEFAULT_TMP_BYTES: u64 = 256 << 20;
+/// Default size of a sandbox's `/dev/shm`.
+pub const DEFAULT_SHM_BYTES: u64 = 64 << 20;
+/// Default number of processes and threads per sandbox.
+pub const DEFAULT_MAX_PROCESSES: u64 = 256;
+/// Default CPU quota: one CPU.
+pub const DEFAULT_CPU_QUOTA_US: u64 = 100_000;
+/// Default open files per process.
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
+/// Default largest file: 1 GiB.
+pub const DEFAULT_FILE_BYTES: u64 = 1 << 30;
+/// Stack size of every process.
+const STACK_BYTES: u64 = 8 << 20;
+
+impl NativeConfig {
+    /// The defaults, keeping prepared files under `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            tmp_bytes: DEFAULT_TMP_BYTES,
+            shm_bytes: DEFAULT_SHM_BYTES,
+            max_processes: DEFAULT_MAX_PROCESSES,
+            cpu_quota_us: DEFAULT_CPU_QUOTA_US,
+            open_files: DEFAULT_OPEN_FILES,
+            file_bytes: DEFAULT_FILE_BYTES,
+        }
+    }
+}
+
+/// What every native sandbox of a server shares: the init image, the prepared root, the
+/// compiled seccomp policy and the workspace's id mapping.
+#[derive(Debug)]
+pub struct NativeTier {
+    config: NativeConfig,
+    image: OwnedFd,
+    null: OwnedFd,
+    idmap: OwnedFd,
+    rootfs: HostRootfs,
+    seccomp: Vec<Vec<BpfInstruction>>,
+}
+
+impl NativeTier {
+    /// Prepares the tier. Fails with [`NativeError::Unavailable`] when this host cannot run
+    /// native sandboxes (not root, no user namespaces, no cgroups), saying why.
+    pub fn new(config: NativeConfig) -> Result<Self, NativeError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(NativeError::Unavailable(
+                "native sandboxes need root (to map user ids and manage cgroups); run `soulbox serve` as root, or use the WASM tier".to_owned(),
+            ));
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            NativeError::Unavailable(format!("creating {}: {e}", config.state_dir.display()))
+        })?;
+        let seccomp = SeccompFilters::for_host()?
+            .programs()
+            .iter()
+            .map(|program| {
+                program
+                    .iter()
+                    .map(|i| BpfInstruction { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+                    .collect()
+            })
+            .collect();
+        let null = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| NativeError::Unavailable(format!("opening /dev/null: {e}")))?;
+        Ok(Self {
+            image: init_image()?,
+            null: null.into(),
+            idmap: workspace_idmap()?,
+            rootfs: HostRootfs::prepare(&config.state_dir)?,
+            seccomp,
+            config,
+        })
+    }
+
+    /// The tier's settings.
+    pub fn config(&self) -> &NativeConfig {
+        &self.config
+    }
+
+    /// Starts a sandbox named `name` (unique among live ones) with `workspace` at
+    /// `/home/user` and a memory limit for all its processes.
+    pub async fn start_sandbox(
+        &self,
+        name: &str,
+        workspace: &Path,
+        memory_bytes: u64,
+    ) -> Result<NativeSandbox, NativeError> {
+        let limits = CgroupLimits {
+            memory_bytes,
+            max_processes: self.config.max_processes,
+            cpu_quota_us: self.config.cpu_quota_us,
+        };
+        NativeSandbox::start(self, name, workspace, limits).await
+    }
+
+    fn plan(&self, mounts: Vec<String>) -> SetupPlan {
+        let tmpfs =
+            TmpfsSizes { tmp_bytes: self.config.tmp_bytes, shm_bytes: self.config.shm_bytes };
+        let rlimits = RlimitSettings {
+            open_files: self.config.open_files,
+            file_bytes: self.config.file_bytes,
+            stack_bytes: STACK_BYTES,
+        };
+        self.rootfs.plan(mounts, tmpfs, rlimits, self.seccomp.clone())
+    }
+}
+
+/// The init binary in a sealed memfd: it can be executed, never written.
+fn init_image() -> Result<OwnedFd, NativeError> {
+    let error = |e| NativeError::host(SetupStep::InitImage, e);
+    let memfd = memfd_create(c"soulbox-init", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(error)?;
+    let mut file = File::from(memfd);
+    file.write_all(INIT_BINARY).map_err(|e| error(io_errno(&e)))?;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(error)?;
+    Ok(file.into())
+}
+
+/// A user namespace mapping the server's uid 0 to the sandbox user's host uid, for the
+/// workspace's idmapped mount: made once, by a child that waits in it while its maps are
+/// written and the namespace is opened.
+fn workspace_idmap() -> Result<OwnedFd, NativeError> {
+    let error = |e| NativeError::host(SetupStep::WorkspaceIdMap, e);
+    let holder = sys::spawn::clone_user_namespace_holder().map_err(error)?;
+    let result = (|| {
+        let map = format!("0 {} 1\n", SANDBOX_UID_BASE + SANDBOX_UID);
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{holder}/{file}"), &map)
+                .map_err(|e| error(io_errno(&e)))?;
+        }
+        let namespace =
+            File::open(format!("/proc/{holder}/ns/user")).map_err(|e| error(io_errno(&e)))?;
+        Ok(OwnedFd::from(namespace))
+    })();
+    let _ = kill(holder, Signal::SIGKILL);
+    let _ = waitpid(holder, None);
+    result
+}
+
+fn io_errno(e: &std::io::Error) -> nix::Error {
+    e.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
+}

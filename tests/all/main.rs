@@ -7,5 +7,6 @@ mod escape;
 mod http;
 mod isolation;
 mod limits;
+mod native;
 mod packs;
 mod plugin;

@@ -2,8 +2,9 @@
 //! language pack installed, made once per machine and shared by every test process.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use soulbox_native::{NativeBackend, NativeConfig, NativeTier};
 use soulbox_runtime::{Dispatcher, ExecOutput, ExecRequest, Sandbox, SandboxSpec};
 use soulbox_wasm::WasmBackend;
 
@@ -54,4 +55,32 @@ pub async fn run(
     request: ExecRequest,
 ) -> ExecOutput {
     dispatcher.start(sandbox.clone(), request).expect("the request is dispatched").collect().await
+}
+
+/// The native tier, made once per test process; `None`, with the reason printed, on a machine
+/// that cannot run it (CI machines here can: root, namespaces, cgroups).
+pub fn native_backend() -> Option<Arc<NativeBackend>> {
+    static BACKEND: OnceLock<Result<Arc<NativeBackend>, String>> = OnceLock::new();
+    let backend = BACKEND.get_or_init(|| {
+        let state = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let tier = NativeTier::new(NativeConfig::new(state.path())).map_err(|e| e.to_string())?;
+        // The prepared /etc lives as long as the process.
+        std::mem::forget(state);
+        Ok(Arc::new(NativeBackend::new(tier)))
+    });
+    match backend {
+        Ok(backend) => Some(backend.clone()),
+        Err(reason) => {
+            eprintln!("SKIPPED: the native tier is unavailable here: {reason}");
+            None
+        }
+    }
+}
+
+/// A dispatcher with both tiers and a fresh sandbox, or `None` (printed) without the native
+/// tier.
+pub async fn native_sandbox() -> Option<(Dispatcher, Arc<Sandbox>, tempfile::TempDir)> {
+    let native = native_backend()?;
+    let (dispatcher, sandbox, dir) = sandbox().await;
+    Some((dispatcher.with_backend(native), sandbox, dir))
 }

@@ -1,0 +1,284 @@
+//! The isolation sequence, run by init as root of its fresh user namespace before anything
+//! of the guest runs. Every step either succeeds or ends the sandbox: there is no path that
+//! continues with less isolation. The steps, in order, are documented in the crate docs of
+//! `soulbox-native`; each is named here as it is there.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use caps::CapSet;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, setrlimit};
+use nix::unistd::{Gid, Uid, chdir, pivot_root, setgroups, sethostname, setresgid, setresuid};
+
+use crate::protocol::{RlimitResource, SetupPlan};
+use crate::sys;
+
+/// Where the new root is built before `pivot_root`: a tmpfs mounted over the host's `/tmp`
+/// in init's private mount namespace (the host's own `/tmp` is not touched).
+const NEW_ROOT: &str = "/tmp";
+
+/// A step that failed, and the kernel's answer.
+#[derive(Debug)]
+pub(crate) struct SetupFailure {
+    /// The step's name.
+    pub(crate) step: &'static str,
+    /// What went wrong.
+    pub(crate) error: StepError,
+}
+
+/// What a step's system call answered.
+#[derive(Debug)]
+pub(crate) enum StepError {
+    /// An errno.
+    Sys(nix::Error),
+    /// A file system operation.
+    Io(std::io::Error),
+    /// A capability operation.
+    Caps(caps::errors::CapsError),
+    /// The plan does not fit (more mounts named than sent).
+    Plan(&'static str),
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sys(e) => write!(f, "{e}"),
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Caps(e) => write!(f, "{e}"),
+            Self::Plan(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<nix::Error> for StepError {
+    fn from(e: nix::Error) -> Self {
+        Self::Sys(e)
+    }
+}
+
+impl From<std::io::Error> for StepError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<caps::errors::CapsError> for StepError {
+    fn from(e: caps::errors::CapsError) -> Self {
+        Self::Caps(e)
+    }
+}
+
+/// Runs one named step.
+fn step(
+    name: &'static str,
+    run: impl FnOnce() -> Result<(), StepError>,
+) -> Result<(), SetupFailure> {
+    run().map_err(|error| SetupFailure { step: name, error })
+}
+
+/// A path inside the new root, before the pivot.
+fn in_root(path: &str) -> PathBuf {
+    Path::new(NEW_ROOT).join(path.trim_start_matches('/'))
+}
+
+/// Runs the whole sequence. `mounts` are the detached trees for `plan.mounts`.
+pub(crate) fn run(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFailure> {
+    let root = Uid::from_raw(0);
+    let root_group = Gid::from_raw(0);
+    step("become root of the user namespace", || {
+        setresgid(root_group, root_group, root_group)?;
+        setresuid(root, root, root)?;
+        Ok(())
+    })?;
+    step("make every mount private", || {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )?;
+        Ok(())
+    })?;
+    step("mount the new root", || {
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), flags, Some("mode=0755,size=1m"))?;
+        for dir in plan.mounts.iter().map(String::as_str).chain(["/tmp", "/dev", "/proc"]) {
+            fs::create_dir_all(in_root(dir))?;
+        }
+        for (path, target) in &plan.symlinks {
+            symlink(target, in_root(path))?;
+        }
+        Ok(())
+    })?;
+    step("attach the template's layers and the workspace", || {
+        if mounts.len() != plan.mounts.len() {
+            return Err(StepError::Plan("the number of mounts sent does not match the plan"));
+        }
+        for (tree, target) in mounts.iter().zip(&plan.mounts) {
+            let target = CString::new(in_root(target).into_os_string().into_encoded_bytes())
+                .map_err(|_| StepError::Plan("a mount target contains a NUL byte"))?;
+            sys::move_mount(tree.as_fd(), &target)?;
+        }
+        Ok(())
+    })?;
+    drop(mounts);
+    step("mount a private /tmp", || {
+        let options = format!("mode=1777,size={}", plan.tmp_bytes);
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(Some("tmpfs"), &in_root("/tmp"), Some("tmpfs"), flags, Some(options.as_str()))?;
+        Ok(())
+    })?;
+    step("mount a private /dev", || mount_dev(plan))?;
+    step("mount a fresh /proc", || {
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        mount(Some("proc"), &in_root("/proc"), Some("proc"), flags, None::<&str>)?;
+        Ok(())
+    })?;
+    step("mask /proc paths", || mask_proc_paths(&plan.masked_proc_paths))?;
+    step("make /proc paths read-only", || readonly_proc_paths(&plan.readonly_proc_paths))?;
+    step("pivot into the new root and detach the old one", || {
+        chdir(NEW_ROOT)?;
+        pivot_root(".", ".")?;
+        umount2(".", MntFlags::MNT_DETACH)?;
+        chdir("/")?;
+        Ok(())
+    })?;
+    step("make the root read-only", || {
+        let flags = MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)?;
+        Ok(())
+    })?;
+    step("set the host name", || Ok(sethostname(&plan.hostname)?))?;
+    step("bring up loopback", || Ok(sys::loopback_up()?))?;
+    step("enter a new cgroup namespace", || Ok(unshare(CloneFlags::CLONE_NEWCGROUP)?))?;
+    step("set resource limits", || {
+        for limit in &plan.rlimits {
+            let resource = match limit.resource {
+                RlimitResource::Nofile => Resource::RLIMIT_NOFILE,
+                RlimitResource::Fsize => Resource::RLIMIT_FSIZE,
+                RlimitResource::Core => Resource::RLIMIT_CORE,
+                RlimitResource::Stack => Resource::RLIMIT_STACK,
+            };
+            setrlimit(resource, limit.limit, limit.limit)?;
+        }
+        Ok(())
+    })?;
+    step("empty the capability bounding set", || Ok(caps::clear(None, CapSet::Bounding)?))?;
+    step("become the sandbox user", || {
+        setgroups(&[])?;
+        let gid = Gid::from_raw(plan.gid);
+        let uid = Uid::from_raw(plan.uid);
+        setresgid(gid, gid, gid)?;
+        setresuid(uid, uid, uid)?;
+        Ok(())
+    })?;
+    step("drop every capability", || {
+        for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+            caps::clear(None, set)?;
+        }
+        Ok(())
+    })?;
+    step("forbid new privileges", || Ok(nix::sys::prctl::set_no_new_privs()?))?;
+    step("make init undumpable", || Ok(nix::sys::prctl::set_dumpable(false)?))?;
+    step("install the seccomp filters", || {
+        for program in &plan.seccomp {
+            let program: Vec<seccompiler::sock_filter> = program
+                .iter()
+                .map(|i| seccompiler::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+                .collect();
+            seccompiler::apply_filter(&program)
+                .map_err(|e| StepError::Io(std::io::Error::other(e.to_string())))?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A tmpfs `/dev` with only the allowed devices (bound from the host's), a private devpts
+/// and `/dev/shm`.
+fn mount_dev(plan: &SetupPlan) -> Result<(), StepError> {
+    let dev = in_root("/dev");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount(Some("tmpfs"), &dev, Some("tmpfs"), flags, Some("mode=0755,size=64k"))?;
+    for name in &plan.devices {
+        let target = dev.join(name);
+        fs::File::create(&target)?;
+        let source = Path::new("/dev").join(name);
+        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    symlink("pts/ptmx", dev.join("ptmx"))?;
+    let shm = dev.join("shm");
+    fs::create_dir(&shm)?;
+    let options = format!("mode=1777,size={}", plan.shm_bytes);
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), flags, Some(options.as_str()))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(name))?;
+    }
+    Ok(())
+}
+
+fn mask_proc_paths(paths: &[String]) -> Result<(), StepError> {
+    let null = in_root("/dev/null");
+    for path in paths {
+        let target = in_root("/proc").join(path);
+        let Ok(metadata) = fs::metadata(&target) else { continue };
+        if metadata.is_dir() {
+            let flags =
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            mount(Some("tmpfs"), &target, Some("tmpfs"), flags, Some("size=0"))?;
+        } else {
+            mount(Some(&null), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+        }
+    }
+    Ok(())
+}
+
+fn readonly_proc_paths(paths: &[String]) -> Result<(), StepError> {
+    for path in paths {
+        let target = in_root("/proc").join(path);
+        if fs::symlink_metadata(&target).is_err() {
+            continue;
+        }
+        mount(
+            Some(&target),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )?;
+        let flags = MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)?;
+    }
+    Ok(())
+}

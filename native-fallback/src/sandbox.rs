@@ -1,0 +1,378 @@
+//! A native sandbox: its init process, its control group and the processes it runs.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::wait::waitpid;
+use nix::unistd::{Pid, pipe2};
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+
+use crate::NativeTier;
+use crate::cgroup::{CgroupLimits, SandboxCgroup};
+use crate::control::ControlSocket;
+use crate::protocol::{ExitStatus, HostMessage, InitMessage, SpawnRequest};
+use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID_BASE};
+use crate::sys::spawn::{InitFds, clone_init};
+use crate::{NativeError, SetupStep};
+
+/// How long init may take to run the isolation sequence.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A process to start in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// The program and its arguments; the program is looked up in `env`'s `PATH`.
+    pub argv: Vec<String>,
+    /// Its whole environment (nothing else is inherited).
+    pub env: Vec<(String, String)>,
+    /// Its working directory inside the sandbox.
+    pub cwd: String,
+}
+
+/// What the host waits for, per process.
+#[derive(Debug)]
+struct Waiters {
+    started: Option<oneshot::Sender<Result<i32, (i32, String)>>>,
+    exited: Option<oneshot::Sender<ExitStatus>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    waiters: Mutex<HashMap<u64, Waiters>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Waiters>> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running native sandbox. Dropping it kills every process in it and removes its control
+/// group; [`NativeSandbox::destroy`] does the same and reports failures.
+#[derive(Debug)]
+pub struct NativeSandbox {
+    init: Pid,
+    control: Arc<ControlSocket>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    cgroup: Mutex<Option<SandboxCgroup>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl NativeSandbox {
+    /// Starts a sandbox whose `/home/user` is `workspace`: clones init into new namespaces,
+    /// maps its ids, puts it in a new control group and has it run the isolation sequence.
+    pub(crate) async fn start(
+        tier: &NativeTier,
+        name: &str,
+        workspace: &Path,
+        limits: CgroupLimits,
+    ) -> Result<Self, NativeError> {
+        let cgroup = SandboxCgroup::create(name, limits)?;
+        match Self::start_in(tier, workspace, &cgroup).await {
+            Ok((init, control, reader, shared)) => Ok(Self {
+                init,
+                control,
+                shared,
+                next_id: AtomicU64::new(1),
+                cgroup: Mutex::new(Some(cgroup)),
+                reader,
+            }),
+            Err((init, error)) => {
+                if let Some(init) = init {
+                    kill_and_reap(init).await;
+                }
+                let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+                Err(error)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity, reason = "a private helper's tuple, named at its one use")]
+    async fn start_in(
+        tier: &NativeTier,
+        workspace: &Path,
+        cgroup: &SandboxCgroup,
+    ) -> Result<
+        (Pid, Arc<ControlSocket>, tokio::task::JoinHandle<()>, Arc<Shared>),
+        (Option<Pid>, NativeError),
+    > {
+        let step = |step: SetupStep| move |e: nix::Error| (None, NativeError::host(step, e));
+        let (mounts, targets) =
+            tier.rootfs.mounts(workspace, &tier.idmap).map_err(|e| (None, e.into()))?;
+        let flags = SockFlag::SOCK_CLOEXEC;
+        let (host_end, init_end) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)
+                .map_err(step(SetupStep::ControlSocket))?;
+        let init = launch_init(tier, init_end, cgroup)?;
+        let fail = |step: SetupStep| move |e: nix::Error| (Some(init), NativeError::host(step, e));
+        set_nonblocking(host_end.as_fd()).map_err(fail(SetupStep::ControlSocket))?;
+        let control = ControlSocket::new(host_end)
+            .map_err(|e| fail(SetupStep::ControlSocket)(io_errno(&e)))?;
+        let plan = tier.plan(targets);
+        let borrowed: Vec<BorrowedFd<'_>> = mounts.iter().map(AsFd::as_fd).collect();
+        control
+            .send(&HostMessage::Setup(plan), &borrowed)
+            .await
+            .map_err(|e| fail(SetupStep::ControlSocket)(io_errno(&e)))?;
+        drop(mounts);
+        let answer = tokio::time::timeout(SETUP_TIMEOUT, control.recv()).await;
+        match answer {
+            Ok(Ok(Some(Ok(InitMessage::Ready)))) => {}
+            Ok(Ok(Some(Ok(InitMessage::SetupFailed { step, error })))) => {
+                return Err((Some(init), NativeError::Setup { step, error }));
+            }
+            Ok(Ok(None)) => {
+                let error = "init exited before finishing the isolation sequence".to_owned();
+                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
+            }
+            Ok(Ok(Some(other))) => {
+                let error = format!("unexpected answer {other:?}");
+                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
+            }
+            Ok(Err(e)) => return Err(fail(SetupStep::ControlSocket)(io_errno(&e))),
+            Err(_) => {
+                let error = format!("no answer within {} s", SETUP_TIMEOUT.as_secs());
+                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
+            }
+        }
+        let control = Arc::new(control);
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(read_messages(Arc::clone(&control), Arc::clone(&shared)));
+        Ok((init, control, reader, shared))
+    }
+
+    /// Init's pid on the host.
+    pub fn init_pid(&self) -> Pid {
+        self.init
+    }
+
+    /// Starts a process; its standard streams are pipes to the host.
+    pub async fn spawn(&self, spec: ProcessSpec) -> Result<NativeProcess, NativeError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pipe_error = |e| NativeError::host(SetupStep::Pipes, e);
+        let (stdin_read, stdin_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
+        let (stdout_read, stdout_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
+        let (stderr_read, stderr_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
+        let (started_tx, started_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = oneshot::channel();
+        self.shared
+            .lock()
+            .insert(id, Waiters { started: Some(started_tx), exited: Some(exited_tx) });
+        let request = SpawnRequest { id, argv: spec.argv.clone(), env: spec.env, cwd: spec.cwd };
+        let fds = [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()];
+        let sent = self.control.send(&HostMessage::Spawn(request), &fds).await;
+        drop((stdin_read, stdout_write, stderr_write));
+        if let Err(e) = sent {
+            self.shared.lock().remove(&id);
+            return Err(NativeError::host(SetupStep::ControlSocket, io_errno(&e)));
+        }
+        let pid = match started_rx.await {
+            Ok(Ok(pid)) => pid,
+            Ok(Err((errno, message))) => {
+                self.shared.lock().remove(&id);
+                return Err(NativeError::Spawn { errno, message });
+            }
+            Err(_) => return Err(NativeError::SandboxEnded),
+        };
+        Ok(NativeProcess {
+            id,
+            pid,
+            stdin: Some(sender(stdin_write).map_err(pipe_error)?),
+            stdout: receiver(stdout_read).map_err(pipe_error)?,
+            stderr: receiver(stderr_read).map_err(pipe_error)?,
+            exit: ProcessExit(exited_rx),
+        })
+    }
+
+    /// Sends `signal` to the process group of `process`.
+    pub async fn signal(&self, process: ProcessId, signal: Signal) -> Result<(), NativeError> {
+        let message = HostMessage::Signal { id: process.0, signal: signal as i32 };
+        self.control
+            .send(&message, &[])
+            .await
+            .map_err(|e| NativeError::host(SetupStep::ControlSocket, io_errno(&e)))
+    }
+
+    /// Sets the memory limit of the whole sandbox.
+    pub fn set_memory_limit(&self, bytes: u64) -> Result<(), NativeError> {
+        match &*self.lock_cgroup() {
+            Some(cgroup) => Ok(cgroup.set_memory_limit(bytes)?),
+            None => Err(NativeError::SandboxEnded),
+        }
+    }
+
+    /// How many of the sandbox's processes the OOM killer has killed.
+    pub fn oom_kills(&self) -> u64 {
+        self.lock_cgroup().as_ref().map_or(0, SandboxCgroup::oom_kills)
+    }
+
+    /// The sandbox's control group directory in the memory hierarchy.
+    pub fn cgroup_memory_path(&self) -> Option<std::path::PathBuf> {
+        self.lock_cgroup().as_ref().and_then(SandboxCgroup::memory_path)
+    }
+
+    fn lock_cgroup(&self) -> MutexGuard<'_, Option<SandboxCgroup>> {
+        self.cgroup.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Kills every process of the sandbox (init's death takes its whole pid namespace with
+    /// it) and removes its control group.
+    pub async fn destroy(self) -> Result<(), NativeError> {
+        self.reader.abort();
+        kill_and_reap(self.init).await;
+        let cgroup = self.lock_cgroup().take();
+        if let Some(cgroup) = cgroup {
+            tokio::task::spawn_blocking(move || cgroup.remove())
+                .await
+                .map_err(|e| NativeError::Teardown(e.to_string()))??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NativeSandbox {
+    fn drop(&mut self) {
+        let Some(cgroup) = self.lock_cgroup().take() else { return };
+        self.reader.abort();
+        let _ = kill(self.init, Signal::SIGKILL);
+        let _ = waitpid(self.init, None);
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!(error = %e, "removing a sandbox's control group");
+        }
+    }
+}
+
+/// The host's handle on a process of a sandbox, for [`NativeSandbox::signal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId(u64);
+
+/// A process running in a sandbox. Its fields are separate so that its output can be read
+/// while its end is awaited.
+#[derive(Debug)]
+pub struct NativeProcess {
+    id: u64,
+    pid: i32,
+    /// Its standard input; drop it to close.
+    pub stdin: Option<pipe::Sender>,
+    /// Its standard output.
+    pub stdout: pipe::Receiver,
+    /// Its standard error.
+    pub stderr: pipe::Receiver,
+    /// Its end.
+    pub exit: ProcessExit,
+}
+
+impl NativeProcess {
+    /// Its handle for signals.
+    pub fn id(&self) -> ProcessId {
+        ProcessId(self.id)
+    }
+
+    /// Its pid inside the sandbox.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+/// The end of a process, reported by init.
+#[derive(Debug)]
+pub struct ProcessExit(oneshot::Receiver<ExitStatus>);
+
+impl ProcessExit {
+    /// Waits until the process ends.
+    pub async fn wait(&mut self) -> Result<ExitStatus, NativeError> {
+        (&mut self.0).await.map_err(|_| NativeError::SandboxEnded)
+    }
+}
+
+/// Routes init's messages to the waiting processes until init's end closes. A malformed
+/// message ends the sandbox's use: init is no longer trusted.
+async fn read_messages(control: Arc<ControlSocket>, shared: Arc<Shared>) {
+    loop {
+        let message = match control.recv().await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "ignoring the rest of a sandbox's messages");
+                break;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let mut waiters = shared.lock();
+        match message {
+            InitMessage::Started { id, pid } => {
+                if let Some(tx) = waiters.get_mut(&id).and_then(|w| w.started.take()) {
+                    let _ = tx.send(Ok(pid));
+                }
+            }
+            InitMessage::SpawnFailed { id, errno, error } => {
+                if let Some(tx) = waiters.remove(&id).and_then(|mut w| w.started.take()) {
+                    let _ = tx.send(Err((errno, error)));
+                }
+            }
+            InitMessage::Exited { id, status } => {
+                if let Some(tx) = waiters.remove(&id).and_then(|mut w| w.exited.take()) {
+                    let _ = tx.send(status);
+                }
+            }
+            InitMessage::Ready | InitMessage::SetupFailed { .. } => {}
+        }
+    }
+    // Every waiter learns that the sandbox ended.
+    shared.lock().clear();
+}
+
+/// Clones init, writes its id maps, puts it in its control group, and lets it become root of
+/// its user namespace and execute the init image.
+fn launch_init(
+    tier: &NativeTier,
+    init_end: OwnedFd,
+    cgroup: &SandboxCgroup,
+) -> Result<Pid, (Option<Pid>, NativeError)> {
+    let fds =
+        InitFds { image: tier.image.as_fd(), control: init_end.as_fd(), null: tier.null.as_fd() };
+    let child = clone_init(fds).map_err(|e| (None, NativeError::host(SetupStep::Clone, e)))?;
+    drop(init_end);
+    let init = child.pid();
+    let fail = |step: SetupStep| move |e: nix::Error| (Some(init), NativeError::host(step, e));
+    let map = format!("0 {SANDBOX_UID_BASE} {SANDBOX_ID_COUNT}\n");
+    for file in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{init}/{file}"), &map)
+            .map_err(|e| fail(SetupStep::IdMap)(io_errno(&e)))?;
+    }
+    cgroup.add(init).map_err(|e| (Some(init), e.into()))?;
+    child.release().map_err(fail(SetupStep::Exec))?;
+    Ok(init)
+}
+
+async fn kill_and_reap(init: Pid) {
+    let _ = kill(init, Signal::SIGKILL);
+    let _ = tokio::task::spawn_blocking(move || waitpid(init, None)).await;
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
+fn sender(fd: OwnedFd) -> nix::Result<pipe::Sender> {
+    set_nonblocking(fd.as_fd())?;
+    pipe::Sender::from_owned_fd(fd).map_err(|e| io_errno(&e))
+}
+
+fn receiver(fd: OwnedFd) -> nix::Result<pipe::Receiver> {
+    set_nonblocking(fd.as_fd())?;
+    pipe::Receiver::from_owned_fd(fd).map_err(|e| io_errno(&e))
+}
+
+fn io_errno(e: &std::io::Error) -> nix::Error {
+    e.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
+}

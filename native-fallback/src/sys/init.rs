@@ -1,0 +1,59 @@
+//! The kernel calls of `soulbox-init` that have no safe wrapper. This file is compiled into
+//! the init binary only (it includes it with `#[path]`), so that all of SoulBox's `unsafe`
+//! lives under `native-fallback/src/sys/`.
+
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+/// Takes ownership of a descriptor that arrived in an `SCM_RIGHTS` message.
+pub(crate) fn received_fd(raw: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `raw` in this process while receiving the message and
+    // nothing else refers to it; this is its only owner.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Attaches a detached mount (from `open_tree(OPEN_TREE_CLONE)`) at `target`.
+pub(crate) fn move_mount(tree: BorrowedFd<'_>, target: &CStr) -> nix::Result<()> {
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; the kernel reads
+    // nothing else.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub(crate) fn loopback_up() -> nix::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(c"lo".to_bytes_with_nul()) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: SIOCGIFFLAGS reads `ifr_name` and writes `ifr_flags` of the request we own.
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) })?;
+    // SAFETY: reading the union member SIOCGIFFLAGS just wrote.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    let up = i16::try_from(libc::IFF_UP | libc::IFF_RUNNING).map_err(|_| Errno::EINVAL)?;
+    request.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: SIOCSIFFLAGS reads the request we own.
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &request) })?;
+    Ok(())
+}
+
+/// Closes every descriptor from `first` up.
+pub(crate) fn close_descriptors_from(first: u32) -> nix::Result<()> {
+    // SAFETY: close_range takes no pointers; descriptors it closes are not used afterwards
+    // (init holds none above `first` that it still needs).
+    Errno::result(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
+}

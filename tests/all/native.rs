@@ -1,18 +1,8 @@
 //! The native tier end to end: commands and toolchains in a namespace, cgroup and seccomp
 //! sandbox, on the same workspace as the WASM tier.
 
-use soulbox_runtime::{ExecKind, ExecRequest, Language, Termination};
-use soulbox_tests::{native_sandbox, run};
-
-fn command(argv: &[&str]) -> ExecRequest {
-    let mut request = ExecRequest::cell(Language::parse("bash"), "");
-    request.kind = ExecKind::Command { argv: argv.iter().map(|a| (*a).to_owned()).collect() };
-    request
-}
-
-fn shell(script: &str) -> ExecRequest {
-    command(&["bash", "-c", script])
-}
+use soulbox_runtime::Termination;
+use soulbox_tests::{native_sandbox, run, shell};
 
 #[tokio::test]
 async fn a_command_runs_as_the_sandbox_user_in_its_namespaces() {

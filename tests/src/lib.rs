@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use soulbox_native::{NativeBackend, NativeConfig, NativeTier};
-use soulbox_runtime::{Dispatcher, ExecOutput, ExecRequest, Sandbox, SandboxSpec};
+use soulbox_runtime::{
+    Dispatcher, ExecKind, ExecOutput, ExecRequest, Language, Sandbox, SandboxSpec,
+};
 use soulbox_wasm::WasmBackend;
 
 /// The data directory the tests share: `$SOULBOX_TEST_DATA_DIR`, or `target/soulbox-test-data`.
@@ -83,4 +85,16 @@ pub async fn native_sandbox() -> Option<(Dispatcher, Arc<Sandbox>, tempfile::Tem
     let native = native_backend()?;
     let (dispatcher, sandbox, dir) = sandbox().await;
     Some((dispatcher.with_backend(native), sandbox, dir))
+}
+
+/// A command execution (the native tier) with default limits.
+pub fn command(argv: &[&str]) -> ExecRequest {
+    let mut request = ExecRequest::cell(Language::parse("bash"), "");
+    request.kind = ExecKind::Command { argv: argv.iter().map(|a| (*a).to_owned()).collect() };
+    request
+}
+
+/// `bash -c script` as a command execution.
+pub fn shell(script: &str) -> ExecRequest {
+    command(&["bash", "-c", script])
 }

@@ -3,15 +3,29 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use soulbox_runtime::{Dispatcher, Sandbox, SandboxSpec};
+use serde::Serialize;
+use soulbox_runtime::{Dispatcher, Sandbox, SandboxSpec, Tier};
 
 /// Everything a command or the server needs: the data directory and the dispatcher.
 #[derive(Debug, Clone)]
 pub struct App {
     data_dir: PathBuf,
     dispatcher: Dispatcher,
+    tiers: Vec<TierStatus>,
     #[cfg(feature = "wasm")]
     wasm: Arc<soulbox_wasm::WasmBackend>,
+}
+
+/// Whether a tier runs in this process, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TierStatus {
+    /// The tier.
+    pub tier: Tier,
+    /// Whether it takes executions.
+    pub available: bool,
+    /// Why it does not, for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The data directory when none is given: `$XDG_DATA_HOME/soulbox` (on Linux usually
@@ -26,17 +40,48 @@ impl App {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create the data directory {}: {e}", data_dir.display())
         })?;
+        let mut tiers = Vec::new();
         #[cfg(feature = "wasm")]
         let wasm = Arc::new(soulbox_wasm::WasmBackend::builder(data_dir).build()?);
         let dispatcher = Dispatcher::new();
         #[cfg(feature = "wasm")]
-        let dispatcher = dispatcher.with_backend(wasm.clone());
+        let dispatcher = {
+            tiers.push(TierStatus { tier: Tier::Wasm, available: true, reason: None });
+            dispatcher.with_backend(wasm.clone())
+        };
+        #[cfg(feature = "native")]
+        let dispatcher = {
+            let config = soulbox_native::NativeConfig::new(data_dir.join("native"));
+            match soulbox_native::NativeTier::new(config) {
+                Ok(tier) => {
+                    tiers.push(TierStatus { tier: Tier::Native, available: true, reason: None });
+                    dispatcher.with_backend(Arc::new(soulbox_native::NativeBackend::new(tier)))
+                }
+                Err(error) => {
+                    let reason = Some(error.to_string());
+                    tiers.push(TierStatus { tier: Tier::Native, available: false, reason });
+                    dispatcher
+                }
+            }
+        };
+        #[cfg(not(feature = "native"))]
+        tiers.push(TierStatus {
+            tier: Tier::Native,
+            available: false,
+            reason: Some("this soulbox was built without the `native` feature".to_owned()),
+        });
         Ok(Self {
             data_dir: data_dir.to_owned(),
             dispatcher,
+            tiers,
             #[cfg(feature = "wasm")]
             wasm,
         })
+    }
+
+    /// The tiers, available or not (with the reason).
+    pub fn tiers(&self) -> &[TierStatus] {
+        &self.tiers
     }
 
     /// The data directory.

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use soulbox_runtime::{ExecEvent, ExecRequest, Language, Limits, SandboxSpec, TierPreference};
+use soulbox_runtime::{
+    ExecEvent, ExecRequest, Language, LanguageStatus, Limits, SandboxSpec, Tier, TierPreference,
+};
 
 use crate::app::{App, default_data_dir};
 
@@ -67,9 +69,13 @@ enum LangsCommand {
 #[command(after_help = "Examples:
   soulbox run --lang python -c 'import numpy; numpy.arange(5).sum()'
   soulbox run --lang ruby hello.rb
-  echo 'console.log(1)' > a.js && soulbox run --lang js a.js --json")]
+  echo 'console.log(1)' > a.js && soulbox run --lang js a.js --json
+  soulbox run --lang c main.c
+  soulbox run --lang bash -c 'uname -a; ls /usr/bin | wc -l'")]
 struct RunArgs {
-    /// The language: python, javascript (js), ruby (rb).
+    /// The language: python, javascript (js), ruby (rb) in WebAssembly; bash, sh, c, cpp,
+    /// rust, go, java, node, python-native natively (`soulbox langs list` shows what is
+    /// installed).
     #[arg(long, short = 'l')]
     lang: String,
     /// The code to run.
@@ -244,6 +250,7 @@ fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
             let installed = soulbox_wasm::pack::installed(app.data_dir(), &spec.language);
             serde_json::json!({
                 "language": spec.language,
+                "tier": Tier::Wasm,
                 "installed": installed.is_some(),
                 "package": spec.package,
                 "version": spec.version,
@@ -252,6 +259,27 @@ fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
                 "install_command": soulbox_wasm::pack::install_command(&spec.language),
             })
         })
+        .chain(
+            app.dispatcher().languages().into_iter().filter(|(tier, _)| *tier == Tier::Native).map(
+                |(tier, support)| {
+                    let install_command = match &support.status {
+                        LanguageStatus::Ready => None,
+                        LanguageStatus::NotInstalled { install_command } => {
+                            Some(install_command.clone())
+                        }
+                    };
+                    serde_json::json!({
+                        "language": support.language,
+                        "tier": tier,
+                        "installed": install_command.is_none(),
+                        "package": "",
+                        "version": "",
+                        "runtime": "the host's toolchain, in a namespace sandbox",
+                        "install_command": install_command,
+                    })
+                },
+            ),
+        )
         .collect();
     let mut out = std::io::stdout().lock();
     if json {
@@ -260,15 +288,16 @@ fn list(app: &App, json: bool) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<11} {:<14} {:<24} {:<9} RUNTIME",
-        "LANGUAGE", "STATUS", "PACKAGE", "VERSION"
+        "{:<14} {:<7} {:<14} {:<24} {:<9} RUNTIME",
+        "LANGUAGE", "TIER", "STATUS", "PACKAGE", "VERSION"
     )?;
     for row in &rows {
         let status = if row["installed"] == true { "installed" } else { "not installed" };
         writeln!(
             out,
-            "{:<11} {:<14} {:<24} {:<9} {}",
+            "{:<14} {:<7} {:<14} {:<24} {:<9} {}",
             row["language"].as_str().unwrap_or_default(),
+            row["tier"].as_str().unwrap_or_default(),
             status,
             row["package"].as_str().unwrap_or_default(),
             row["version"].as_str().unwrap_or_default(),
@@ -403,6 +432,12 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    for status in app.tiers() {
+        match &status.reason {
+            None => tracing::info!(tier = %status.tier, "tier available"),
+            Some(reason) => tracing::warn!(tier = %status.tier, %reason, "tier unavailable"),
+        }
+    }
     tracing::info!(address = %args.listen, data_dir = %app.data_dir().display(), "soulbox is serving");
     crate::server::serve(listener, app).await?;
     Ok(ExitCode::SUCCESS)

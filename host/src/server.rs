@@ -86,7 +86,7 @@ async fn health(State(app): State<App>) -> Json<serde_json::Value> {
     Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "tiers": app.dispatcher().tiers(),
+        "tiers": app.tiers(),
         "languages": languages,
     }))
 }
@@ -95,8 +95,14 @@ async fn health(State(app): State<App>) -> Json<serde_json::Value> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RunRequest {
-    language: String,
-    code: String,
+    /// A cell: its language and code.
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    /// Or a command (the native tier): the program and its arguments.
+    #[serde(default)]
+    command: Option<Vec<String>>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -120,20 +126,37 @@ async fn run(
     })?;
     let request: RunRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
-    if request.code.len() > MAX_CODE_BYTES {
-        return Err(
-            DispatchError::CodeTooLarge { size: request.code.len(), max: MAX_CODE_BYTES }.into()
-        );
-    }
-    let exec = ExecRequest {
-        kind: soulbox_runtime::ExecKind::Cell {
-            language: Language::parse(&request.language),
-            code: request.code,
-        },
-        env: request.env,
-        limits: request.limits,
-        tier: request.tier,
+    let kind = match (request.language, request.code, request.command) {
+        (Some(language), Some(code), None) => {
+            if code.len() > MAX_CODE_BYTES {
+                return Err(
+                    DispatchError::CodeTooLarge { size: code.len(), max: MAX_CODE_BYTES }.into()
+                );
+            }
+            soulbox_runtime::ExecKind::Cell { language: Language::parse(&language), code }
+        }
+        (None, None, Some(argv)) => {
+            let size: usize = argv.iter().map(String::len).sum();
+            if argv.is_empty() || size > MAX_CODE_BYTES {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!(
+                        "`command` needs a program and at most {MAX_CODE_BYTES} bytes of arguments"
+                    ),
+                ));
+            }
+            soulbox_runtime::ExecKind::Command { argv }
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give either `language` and `code` (a cell) or `command` (a program and its arguments)".to_owned(),
+            ));
+        }
     };
+    let exec = ExecRequest { kind, env: request.env, limits: request.limits, tier: request.tier };
     let sandbox = app.ephemeral_sandbox(SandboxSpec::default()).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string())
     })?;

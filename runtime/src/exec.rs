@@ -52,14 +52,19 @@ const LANGUAGE_ALIASES: &[(&str, &str)] = &[
     ("py", "python"),
     ("python3", "python"),
     ("js", "javascript"),
-    ("node", "javascript"),
-    ("nodejs", "javascript"),
     ("rb", "ruby"),
+    ("nodejs", "node"),
+    ("shell", "bash"),
+    ("c++", "cpp"),
+    ("cxx", "cpp"),
+    ("rs", "rust"),
+    ("golang", "go"),
 ];
 
 impl Language {
-    /// Normalises a user-given name: lower case, with common aliases (`py`, `js`, `node`, `rb`)
-    /// mapped to the canonical name.
+    /// Normalises a user-given name: lower case, with common aliases (`py`, `js`, `rb`, `c++`,
+    /// `golang`...) mapped to the canonical name. `node` is Node.js itself (the native tier),
+    /// not the WASM tier's `javascript`.
     pub fn parse(name: &str) -> Self {
         let lower = name.trim().to_ascii_lowercase();
         let canonical = LANGUAGE_ALIASES
@@ -309,7 +314,8 @@ mod tests {
     #[test]
     fn language_aliases_map_to_canonical_names() {
         assert_eq!(Language::parse("Py").as_str(), "python");
-        assert_eq!(Language::parse("node").as_str(), "javascript");
+        assert_eq!(Language::parse("node").as_str(), "node");
+        assert_eq!(Language::parse("C++").as_str(), "cpp");
         assert_eq!(Language::parse(" ruby ").as_str(), "ruby");
         assert_eq!(Language::parse("cobol").as_str(), "cobol");
     }

@@ -1,16 +1,278 @@
 //! The native tier end to end: commands and toolchains in a namespace, cgroup and seccomp
-//! sandbox, on the same workspace as the WASM tier.
+//! sandbox, on the same workspace as the WASM tier; its limits obeyed and violated; nothing
+//! left behind.
 
-use soulbox_runtime::Termination;
-use soulbox_tests::{native_sandbox, run, shell};
+use std::time::{Duration, Instant};
+
+use soulbox_runtime::{
+    ExecRequest, Language, Limits, OutputStream, Termination, Tier, TierPreference,
+};
+use soulbox_tests::{command, native_backend, native_sandbox, run, shell};
+
+fn limits(timeout: Duration, memory_bytes: u64) -> Limits {
+    Limits { wall_timeout: timeout, memory_bytes, ..Limits::default() }
+}
 
 #[tokio::test]
 async fn a_command_runs_as_the_sandbox_user_in_its_namespaces() {
     let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
     let output = run(&dispatcher, &sandbox, shell("id; hostname; echo $$; pwd; ls /")).await;
     assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    assert_eq!(output.tier, Tier::Native);
     let stdout = output.stdout;
-    assert!(stdout.starts_with("uid=1000(user) gid=1000(user)"), "{stdout}");
+    assert!(stdout.starts_with("uid=1000(user) gid=1000(user) groups=1000(user)\n"), "{stdout}");
     assert!(stdout.contains("\nsandbox\n"), "{stdout}");
     assert!(stdout.contains("\n/home/user\n"), "{stdout}");
+    // The new root holds only what the template gives.
+    let root: Vec<&str> = stdout.lines().skip(4).collect();
+    for entry in ["bin", "dev", "etc", "home", "proc", "tmp", "usr"] {
+        assert!(root.contains(&entry), "/ lacks {entry}: {root:?}");
+    }
+    for absent in ["root", "sys", "work", "var", "boot"] {
+        assert!(!root.contains(&absent), "/ has {absent}: {root:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_toolchain_compiles_and_runs_its_hello() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let native = native_backend().expect("the native tier is available");
+    let installed: Vec<Language> = soulbox_runtime::Backend::languages(&*native)
+        .into_iter()
+        .filter(|l| l.status == soulbox_runtime::LanguageStatus::Ready)
+        .map(|l| l.language)
+        .collect();
+    let programs = [
+        ("bash", "echo hello from $0 | sed 's/from .*/from bash/'"),
+        ("sh", "echo hello from sh"),
+        ("python-native", "import sys; print('hello from python', sys.version_info[0])"),
+        ("node", "console.log('hello from node', typeof process.versions.node)"),
+        ("c", "#include <stdio.h>\nint main(void) { printf(\"hello from c\\n\"); return 0; }"),
+        (
+            "cpp",
+            "#include <iostream>\nint main() { std::cout << \"hello from cpp\" << std::endl; }",
+        ),
+        ("rust", "fn main() { println!(\"hello from rust\"); }"),
+        ("go", "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"hello from go\") }"),
+        (
+            "java",
+            "public class Main { public static void main(String[] a) { System.out.println(\"hello from java\"); } }",
+        ),
+    ];
+    for (language, code) in programs {
+        let language = Language::parse(language);
+        if !installed.contains(&language) {
+            eprintln!("SKIPPED: {language} is not installed on this host (.ci/run installs it)");
+            continue;
+        }
+        let request = ExecRequest::cell(language.clone(), code)
+            .with_limits(limits(Duration::from_secs(120), 2 << 30));
+        let output = run(&dispatcher, &sandbox, request).await;
+        assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+        assert_eq!(output.tier, Tier::Native, "{language}");
+        let expected = format!("hello from {}", language.as_str().trim_end_matches("-native"));
+        assert!(output.stdout.starts_with(&expected), "{output:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_compile_error_comes_back_as_an_error_with_the_compilers_output() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let request = ExecRequest::cell(Language::parse("c"), "int main(void) { return nope; }");
+    let output = run(&dispatcher, &sandbox, request).await;
+    let error = output.error.expect("a compile error");
+    assert_eq!(error.name, "CompileError");
+    assert!(error.traceback.contains("nope"), "{error:?}");
+    assert!(error.traceback.contains("undeclared"), "{error:?}");
+    assert_eq!(output.termination, Some(Termination::Exited { code: 1 }));
+}
+
+#[tokio::test]
+async fn a_missing_command_exits_127_with_a_message() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let output = run(&dispatcher, &sandbox, command(&["no-such-program", "x"])).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 127 }), "{output:?}");
+    assert_eq!(output.stderr, "soulbox: no-such-program: command not found\n");
+}
+
+#[tokio::test]
+async fn wasm_and_native_share_the_workspace() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let python = Language::parse("python");
+    let write = "open('/home/user/hello.c', 'w').write('#include <stdio.h>\\nint main(void) { puts(\"built natively\"); return 0; }\\n')";
+    let output = run(&dispatcher, &sandbox, ExecRequest::cell(python.clone(), write)).await;
+    assert_eq!(output.tier, Tier::Wasm, "{output:?}");
+    let build = shell(
+        "gcc -o hello hello.c && ./hello && ls -l hello.c | cut -d' ' -f3 && echo made-by-native > back.txt",
+    );
+    let output = run(&dispatcher, &sandbox, build).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    // Files the server wrote belong to the sandbox user inside.
+    assert_eq!(output.stdout, "built natively\nuser\n");
+    let read = "open('/home/user/back.txt').read().strip()";
+    let output = run(&dispatcher, &sandbox, ExecRequest::cell(python, read)).await;
+    assert_eq!(output.results[0].data["text/plain"], "'made-by-native'", "{output:?}");
+}
+
+#[tokio::test]
+async fn the_tier_can_be_forced_and_is_reported() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let mut request = shell("echo hi");
+    request.tier = TierPreference::Wasm;
+    assert!(dispatcher.start(sandbox.clone(), request).is_err(), "commands never run in WASM");
+    let mut request = ExecRequest::cell(Language::parse("python"), "1 + 1");
+    request.tier = TierPreference::Native;
+    let refused = dispatcher.start(sandbox.clone(), request).expect_err("no native `python`");
+    assert!(refused.to_string().contains("python"), "{refused}");
+    let output = run(&dispatcher, &sandbox, shell("echo hi")).await;
+    assert_eq!(output.tier, Tier::Native);
+}
+
+#[tokio::test]
+async fn processes_files_and_background_jobs_persist_between_executions() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let started =
+        run(&dispatcher, &sandbox, shell("sleep 60 > /dev/null 2>&1 & echo ok > /tmp/state")).await;
+    assert_eq!(started.termination, Some(Termination::Exited { code: 0 }), "{started:?}");
+    let output = run(&dispatcher, &sandbox, shell("cat /tmp/state; ps -eo pid,comm")).await;
+    assert!(output.stdout.starts_with("ok\n"), "{output:?}");
+    assert!(output.stdout.contains(" sleep"), "{output:?}");
+    // PID 1 is init; every process belongs to this sandbox.
+    assert!(output.stdout.contains("    1 soulbox-init"), "{output:?}");
+}
+
+#[tokio::test]
+async fn timeout_obeyed() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let request =
+        shell("sleep 0.2; echo done").with_limits(limits(Duration::from_secs(10), 256 << 20));
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }));
+    assert_eq!(output.stdout, "done\n");
+}
+
+#[tokio::test]
+async fn timeout_violated_even_when_sigterm_is_ignored() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let limit = Duration::from_millis(500);
+    let request =
+        shell("trap '' TERM; while true; do :; done").with_limits(limits(limit, 256 << 20));
+    let began = Instant::now();
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(output.termination, Some(Termination::TimedOut { limit_ms: 500 }), "{output:?}");
+    assert_eq!(output.exit_code, Some(124));
+    assert!(began.elapsed() < limit + Duration::from_millis(500), "{:?}", began.elapsed());
+    let after = run(&dispatcher, &sandbox, shell("echo alive")).await;
+    assert_eq!(after.stdout, "alive\n", "the sandbox outlives a timed-out command");
+}
+
+#[tokio::test]
+async fn memory_limit_obeyed() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let code = "b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); print(len(b))";
+    let request =
+        command(&["python3", "-c", code]).with_limits(limits(Duration::from_secs(30), 256 << 20));
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    assert_eq!(output.stdout, format!("{}\n", 64 << 20));
+}
+
+#[tokio::test]
+async fn memory_limit_violated() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let code = "chunks = []\nwhile True:\n    b = bytearray(16 << 20); b[::4096] = b'x' * len(b[::4096]); chunks.append(b)";
+    let request =
+        command(&["python3", "-c", code]).with_limits(limits(Duration::from_secs(30), 128 << 20));
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(
+        output.termination,
+        Some(Termination::MemoryExceeded { limit_bytes: 128 << 20 }),
+        "{output:?}"
+    );
+    assert_eq!(output.exit_code, Some(137));
+    let after = run(&dispatcher, &sandbox, shell("echo alive")).await;
+    assert_eq!(after.stdout, "alive\n", "the sandbox outlives an OOM kill");
+}
+
+#[tokio::test]
+async fn output_limit_obeyed() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let request = shell("head -c 1000 /dev/zero | tr '\\0' x");
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }));
+    assert_eq!(output.stdout, "x".repeat(1000));
+}
+
+#[tokio::test]
+async fn output_limit_violated() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let request = shell("yes").with_limits(Limits { stdout_bytes: 100_000, ..Limits::default() });
+    let output = run(&dispatcher, &sandbox, request).await;
+    assert_eq!(
+        output.termination,
+        Some(Termination::OutputLimitExceeded {
+            stream: OutputStream::Stdout,
+            limit_bytes: 100_000
+        }),
+    );
+    assert!(output.stdout.ends_with("\n[soulbox: stdout truncated at 100000 bytes]\n"));
+    assert_eq!(
+        output.stdout.len(),
+        100_000 + "\n[soulbox: stdout truncated at 100000 bytes]\n".len()
+    );
+}
+
+#[tokio::test]
+async fn process_limit_stops_a_fork_bomb() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let bomb = shell("bomb() { bomb | bomb & }; bomb; sleep 2; echo survived")
+        .with_limits(limits(Duration::from_secs(5), 512 << 20));
+    let began = Instant::now();
+    let output = run(&dispatcher, &sandbox, bomb).await;
+    assert!(began.elapsed() < Duration::from_secs(7), "{:?}", began.elapsed());
+    assert!(output.stderr.contains("fork") || output.stderr.contains("retry"), "{output:?}");
+    // The host is fine; so is a fresh sandbox.
+    let Some((dispatcher, other, _dir)) = native_sandbox().await else { return };
+    let output = run(&dispatcher, &other, shell("echo fine")).await;
+    assert_eq!(output.stdout, "fine\n");
+}
+
+#[tokio::test]
+async fn tmp_size_obeyed_and_violated() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let fits = shell("head -c 1048576 /dev/zero > /tmp/small && stat -c %s /tmp/small");
+    let output = run(&dispatcher, &sandbox, fits).await;
+    assert_eq!(output.stdout, "1048576\n", "{output:?}");
+    let fill = shell("head -c 300000000 /dev/zero > /tmp/fill; echo $?")
+        .with_limits(limits(Duration::from_secs(30), 1 << 30));
+    let output = run(&dispatcher, &sandbox, fill).await;
+    assert!(output.stderr.contains("No space left on device"), "{output:?}");
+    assert_eq!(output.stdout, "1\n");
+}
+
+#[tokio::test]
+async fn closing_a_sandbox_leaves_no_process_cgroup_or_mount() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let native = native_backend().expect("the native tier is available");
+    let output =
+        run(&dispatcher, &sandbox, shell("sleep 300 & setsid sleep 300 & echo started")).await;
+    assert_eq!(output.stdout, "started\n");
+    let handle = native.sandbox(&sandbox, &Limits::default()).await.expect("the live sandbox");
+    let init = handle.init_pid();
+    let cgroup = handle.cgroup_memory_path().expect("a memory cgroup");
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    let pids: Vec<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+    assert!(pids.len() >= 3, "init and two sleeps: {pids:?}");
+    drop(handle);
+    dispatcher.close(&sandbox).await;
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} (init {init}) survived"
+        );
+    }
+    assert!(!cgroup.exists(), "{} survived", cgroup.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let workspace = sandbox.workspace().display().to_string();
+    assert!(!mounts.contains(&workspace), "a mount of the workspace survived");
 }

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
     if sys::close_descriptors_from(first_unused).is_err() {
         return ExitCode::from(2);
     }
+    // Executed from a memfd, init would otherwise be named after it in `ps`.
+    let _ = nix::sys::prctl::set_name(c"soulbox-init");
     let control = Control::from_inherited();
     let Ok(Some((HostMessage::Setup(plan), mounts))) = control.recv() else {
         return ExitCode::from(3);

@@ -58,9 +58,13 @@ impl App {
                     dispatcher.with_backend(Arc::new(soulbox_native::NativeBackend::new(tier)))
                 }
                 Err(error) => {
-                    let reason = Some(error.to_string());
-                    tiers.push(TierStatus { tier: Tier::Native, available: false, reason });
-                    dispatcher
+                    let reason = error.to_string();
+                    tiers.push(TierStatus {
+                        tier: Tier::Native,
+                        available: false,
+                        reason: Some(reason.clone()),
+                    });
+                    dispatcher.with_unavailable(Tier::Native, reason)
                 }
             }
         };

@@ -166,3 +166,35 @@ fn serve_answers_over_http() {
         serde_json::from_str(response.split("\r\n\r\n").nth(1).expect("body")).expect("json");
     assert_eq!(json["results"][0]["data"]["text/plain"], "42");
 }
+
+#[test]
+fn without_root_native_executions_are_refused_with_the_reason() {
+    if !std::path::Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("SKIPPED: setpriv (util-linux) is not installed");
+        return;
+    }
+    let data = tempfile::tempdir().expect("tempdir");
+    // The unprivileged user must be able to write its data directory.
+    std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let as_nobody = |args: &[&str]| {
+        Command::new("/usr/bin/setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_soulbox"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(args)
+            .output()
+            .expect("soulbox runs as nobody")
+    };
+    let out = as_nobody(&["run", "--lang", "bash", "-c", "echo hi"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("native tier is unavailable") && stderr.contains("root"), "{stderr}");
+    let out = as_nobody(&["langs", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let tiers: Vec<&str> =
+        rows.as_array().expect("rows").iter().filter_map(|r| r["tier"].as_str()).collect();
+    assert!(tiers.iter().all(|t| *t == "wasm"), "{tiers:?}");
+}

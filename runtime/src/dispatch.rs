@@ -71,6 +71,8 @@ fn list_or_none(languages: &[Language]) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Dispatcher {
     backends: Vec<Arc<dyn Backend>>,
+    /// Tiers that could not start here, with the reason, for refusals that say why.
+    unavailable: Vec<(Tier, String)>,
 }
 
 impl Dispatcher {
@@ -84,6 +86,17 @@ impl Dispatcher {
         self.backends.retain(|b| b.tier() != backend.tier());
         self.backends.push(backend);
         self
+    }
+
+    /// Records that `tier` could not start here and why; executions that need it are refused
+    /// with that reason.
+    pub fn with_unavailable(mut self, tier: Tier, reason: impl Into<String>) -> Self {
+        self.unavailable.push((tier, reason.into()));
+        self
+    }
+
+    fn unavailable_reason(&self, tier: Tier) -> Option<&str> {
+        self.unavailable.iter().find(|(t, _)| *t == tier).map(|(_, reason)| reason.as_str())
     }
 
     /// The tiers available.
@@ -136,8 +149,15 @@ impl Dispatcher {
                 .cloned()
                 .ok_or_else(|| DispatchError::TierCannotRun {
                     tier: Tier::Native,
-                    reason: "commands need the native tier, which is not available in this server"
-                        .to_owned(),
+                    reason: match self.unavailable_reason(Tier::Native) {
+                        Some(why) => format!(
+                            "commands need the native tier, which is unavailable here: {why}"
+                        ),
+                        None => {
+                            "commands need the native tier, which is not available in this server"
+                                .to_owned()
+                        }
+                    },
                 }),
         }
     }
@@ -168,9 +188,20 @@ impl Dispatcher {
         if let [tier] = candidates
             && self.backend(*tier).is_none()
         {
+            let reason = self
+                .unavailable_reason(*tier)
+                .unwrap_or("this tier is not available in this server")
+                .to_owned();
+            return Err(DispatchError::TierCannotRun { tier: *tier, reason });
+        }
+        if let Some(tier) = candidates.iter().find(|t| self.backend(**t).is_none())
+            && let Some(why) = self.unavailable_reason(*tier)
+        {
             return Err(DispatchError::TierCannotRun {
                 tier: *tier,
-                reason: "this tier is not available in this server".to_owned(),
+                reason: format!(
+                    "`{language}` is not a language of the tiers available here, and the {tier} tier is unavailable: {why}"
+                ),
             });
         }
         let mut installed: Vec<Language> = self

@@ -8,5 +8,6 @@ mod http;
 mod isolation;
 mod limits;
 mod native;
+mod native_escape;
 mod packs;
 mod plugin;

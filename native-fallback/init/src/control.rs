@@ -3,6 +3,7 @@
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, send};
 
 use crate::protocol::{
@@ -26,9 +27,12 @@ pub(crate) struct Control {
 }
 
 impl Control {
-    /// Takes the inherited socket.
-    pub(crate) fn from_inherited() -> Self {
-        Self { socket: sys::received_fd(INIT_CONTROL_FD) }
+    /// Takes the inherited socket and marks it close-on-exec (`dup2` cleared that), so that
+    /// no process init starts inherits it.
+    pub(crate) fn from_inherited() -> nix::Result<Self> {
+        let socket = sys::received_fd(INIT_CONTROL_FD);
+        fcntl(&socket, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        Ok(Self { socket })
     }
 
     /// The next message and the descriptors that came with it; `None` when the host has

@@ -31,7 +31,9 @@ fn main() -> ExitCode {
     }
     // Executed from a memfd, init would otherwise be named after it in `ps`.
     let _ = nix::sys::prctl::set_name(c"soulbox-init");
-    let control = Control::from_inherited();
+    let Ok(control) = Control::from_inherited() else {
+        return ExitCode::from(2);
+    };
     let Ok(Some((HostMessage::Setup(plan), mounts))) = control.recv() else {
         return ExitCode::from(3);
     };

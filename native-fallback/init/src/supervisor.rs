@@ -109,9 +109,13 @@ fn reap(control: &Control, processes: &Processes) {
             Ok(status) => status.pid(),
             Err(Errno::EINTR) => continue,
             Err(_) => {
-                // No children: sleep until a spawn.
+                // No children: sleep until a spawn, unless one happened since `waitid` (the
+                // spawn inserts under the lock, so a child started meanwhile is in the map
+                // and its notification is not lost).
                 let by_pid = processes.lock();
-                let _ = processes.spawned.wait_timeout(by_pid, IDLE_REAPER_WAIT);
+                if by_pid.is_empty() {
+                    let _ = processes.spawned.wait_timeout(by_pid, IDLE_REAPER_WAIT);
+                }
                 continue;
             }
         };

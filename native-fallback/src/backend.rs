@@ -159,7 +159,7 @@ type SandboxSlot = Arc<OnceCell<Arc<NativeSandbox>>>;
 /// The native tier. Defaults are closed: see the crate docs for the isolation sequence.
 #[derive(Debug)]
 pub struct NativeBackend {
-    tier: NativeTier,
+    tier: Arc<NativeTier>,
     languages: Vec<NativeLanguage>,
     sandboxes: Mutex<HashMap<SandboxId, SandboxSlot>>,
     next_cell: AtomicU64,
@@ -176,11 +176,16 @@ impl NativeBackend {
                 install_command: format!("apt-get install {}", t.package),
             })
             .collect();
-        Self { tier, languages, sandboxes: Mutex::default(), next_cell: AtomicU64::new(0) }
+        Self {
+            tier: Arc::new(tier),
+            languages,
+            sandboxes: Mutex::default(),
+            next_cell: AtomicU64::new(0),
+        }
     }
 
     /// The tier.
-    pub fn tier(&self) -> &NativeTier {
+    pub fn tier(&self) -> &Arc<NativeTier> {
         &self.tier
     }
 
@@ -196,10 +201,8 @@ impl NativeBackend {
         };
         let native = slot
             .get_or_try_init(|| async {
-                let started = self
-                    .tier
-                    .start_sandbox(sandbox.id().as_str(), sandbox.workspace(), limits.memory_bytes)
-                    .await?;
+                let started =
+                    self.tier.start_sandbox(sandbox.workspace(), limits.memory_bytes).await?;
                 Ok::<_, NativeError>(Arc::new(started))
             })
             .await?;

@@ -54,6 +54,29 @@ pub fn host_version() -> u8 {
     if hierarchies::is_cgroup2_unified_mode() { 2 } else { 1 }
 }
 
+/// Removes the groups that servers which are gone left behind (`soulbox/<pid>-<n>`, where no
+/// process `<pid>` lives any more): their sandboxes died with them, so the groups are empty or
+/// about to be.
+pub(crate) fn remove_stale() {
+    let v2 = hierarchies::is_cgroup2_unified_mode();
+    let root = hierarchies::auto().root();
+    let parent = if v2 { root.join(PARENT) } else { root.join("memory").join(PARENT) };
+    let Ok(entries) = fs::read_dir(&parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, _)) = name.split_once('-') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if PathBuf::from(format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = format!("{PARENT}/{name}");
+        let cgroup = Cgroup::load(hierarchies::auto(), &path);
+        if let Err(e) = (SandboxCgroup { cgroup, path: path.clone(), v2 }).remove() {
+            tracing::warn!(%path, error = %e, "removing a stale control group");
+        }
+    }
+}
+
 /// One sandbox's control group. Removed by [`SandboxCgroup::remove`].
 #[derive(Debug)]
 pub(crate) struct SandboxCgroup {

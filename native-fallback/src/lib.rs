@@ -74,10 +74,13 @@ pub mod seccomp;
 #[allow(unsafe_code, reason = "the native tier's kernel calls live here, each block justified")]
 mod sys;
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -92,6 +95,7 @@ use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
 pub use rootfs::{
     RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE,
 };
+use sandbox::PreparedSandbox;
 pub use sandbox::{NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec};
 use seccomp::{SeccompError, SeccompFilters};
 
@@ -201,6 +205,9 @@ pub struct NativeConfig {
     pub open_files: u64,
     /// The largest file a process may write.
     pub file_bytes: u64,
+    /// How many prepared sandboxes (init started, root built, waiting for a workspace) the
+    /// tier keeps ready, so that a new sandbox is a hand-over; 0 prepares each on demand.
+    pub pool_size: usize,
 }
 
 /// Default size of a sandbox's `/tmp`.
@@ -215,6 +222,12 @@ pub const DEFAULT_CPU_QUOTA_US: u64 = 100_000;
 pub const DEFAULT_OPEN_FILES: u64 = 1024;
 /// Default largest file: 1 GiB.
 pub const DEFAULT_FILE_BYTES: u64 = 1 << 30;
+/// Default number of prepared sandboxes kept ready.
+pub const DEFAULT_POOL_SIZE: usize = 2;
+/// How long the pool waits after a sandbox was taken before it prepares another.
+const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+/// Memory limit of a prepared sandbox until an execution sets its own.
+const PREPARED_MEMORY_BYTES: u64 = soulbox_runtime::DEFAULT_MEMORY_BYTES;
 /// Stack size of every process.
 const STACK_BYTES: u64 = 8 << 20;
 
@@ -229,6 +242,7 @@ impl NativeConfig {
             cpu_quota_us: DEFAULT_CPU_QUOTA_US,
             open_files: DEFAULT_OPEN_FILES,
             file_bytes: DEFAULT_FILE_BYTES,
+            pool_size: DEFAULT_POOL_SIZE,
         }
     }
 }
@@ -243,6 +257,9 @@ pub struct NativeTier {
     idmap: OwnedFd,
     rootfs: HostRootfs,
     seccomp: Vec<Vec<BpfInstruction>>,
+    pool: Mutex<VecDeque<PreparedSandbox>>,
+    refilling: AtomicBool,
+    next_cgroup: AtomicU64,
 }
 
 impl NativeTier {
@@ -272,6 +289,7 @@ impl NativeTier {
             .write(true)
             .open("/dev/null")
             .map_err(|e| NativeError::Unavailable(format!("opening /dev/null: {e}")))?;
+        cgroup::remove_stale();
         Ok(Self {
             image: init_image()?,
             null: null.into(),
@@ -279,6 +297,9 @@ impl NativeTier {
             rootfs: HostRootfs::prepare(&config.state_dir)?,
             seccomp,
             config,
+            pool: Mutex::default(),
+            refilling: AtomicBool::new(false),
+            next_cgroup: AtomicU64::new(0),
         })
     }
 
@@ -287,20 +308,72 @@ impl NativeTier {
         &self.config
     }
 
-    /// Starts a sandbox named `name` (unique among live ones) with `workspace` at
-    /// `/home/user` and a memory limit for all its processes.
+    /// Starts a sandbox with `workspace` at `/home/user` and a memory limit for all its
+    /// processes: a prepared one from the pool when there is one (then the pool refills in
+    /// the background), else one prepared now.
     pub async fn start_sandbox(
-        &self,
-        name: &str,
+        self: &Arc<Self>,
         workspace: &Path,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
+        let pooled = self.lock_pool().pop_front();
+        let started = match pooled {
+            Some(prepared) => match prepared.enter(self, workspace, memory_bytes).await {
+                Ok(sandbox) => Ok(sandbox),
+                // A pooled init that died meanwhile (killed from outside): prepare afresh.
+                Err(e) => {
+                    tracing::warn!(error = %e, "a prepared sandbox failed; preparing another");
+                    self.prepare().await?.enter(self, workspace, memory_bytes).await
+                }
+            },
+            None => self.prepare().await?.enter(self, workspace, memory_bytes).await,
+        };
+        self.refill();
+        started
+    }
+
+    /// How many prepared sandboxes wait in the pool.
+    pub fn pooled(&self) -> usize {
+        self.lock_pool().len()
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, VecDeque<PreparedSandbox>> {
+        self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn prepare(&self) -> Result<PreparedSandbox, NativeError> {
         let limits = CgroupLimits {
-            memory_bytes,
+            memory_bytes: PREPARED_MEMORY_BYTES,
             max_processes: self.config.max_processes,
             cpu_quota_us: self.config.cpu_quota_us,
         };
-        NativeSandbox::start(self, name, workspace, limits).await
+        let n = self.next_cgroup.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{n}", std::process::id());
+        PreparedSandbox::prepare(self, &name, limits).await
+    }
+
+    /// Tops the pool up in the background (one refill at a time).
+    fn refill(self: &Arc<Self>) {
+        if self.config.pool_size == 0 || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tier = Arc::clone(self);
+        tokio::spawn(async move {
+            // The request that took a sandbox usually runs its first command at once: let it,
+            // rather than compete with it for the CPU and the kernel's namespace and cgroup
+            // locks.
+            tokio::time::sleep(REFILL_DELAY).await;
+            while tier.pooled() < tier.config.pool_size {
+                match tier.prepare().await {
+                    Ok(prepared) => tier.lock_pool().push_back(prepared),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "preparing a sandbox for the pool");
+                        break;
+                    }
+                }
+            }
+            tier.refilling.store(false, Ordering::Release);
+        });
     }
 
     fn plan(&self, mounts: Vec<String>) -> SetupPlan {

@@ -23,9 +23,14 @@ pub(crate) const INIT_CONTROL_FD: i32 = 3;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum HostMessage {
-    /// The first message: run the isolation sequence. Carries one detached mount per entry of
-    /// [`SetupPlan::mounts`], in order.
+    /// The first message: run the first part of the isolation sequence (everything but the
+    /// workspace and the dropping of privileges), then answer [`InitMessage::Prepared`].
+    /// Carries one detached mount per entry of [`SetupPlan::mounts`], in order.
     Setup(SetupPlan),
+    /// The second message: attach the workspace (the one descriptor carried) and finish the
+    /// isolation sequence, then answer [`InitMessage::Ready`]. A prepared sandbox may wait in
+    /// a pool for this; no guest code has run in it before.
+    Enter,
     /// Start a process. Carries its stdin, stdout and stderr, in that order.
     Spawn(SpawnRequest),
     /// Send a signal to the process group of a process started by [`HostMessage::Spawn`].
@@ -41,6 +46,9 @@ pub(crate) enum HostMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum InitMessage {
+    /// The first part of the isolation sequence is complete; init waits for
+    /// [`HostMessage::Enter`].
+    Prepared,
     /// The isolation sequence is complete; init now runs as the sandbox user, under seccomp.
     Ready,
     /// A step of the isolation sequence failed; init exits.
@@ -98,6 +106,8 @@ pub(crate) struct SetupPlan {
     pub(crate) gid: u32,
     /// Where each detached mount sent with the message is attached in the new root.
     pub(crate) mounts: Vec<String>,
+    /// Where the workspace sent with [`HostMessage::Enter`] is attached.
+    pub(crate) workspace: String,
     /// Symbolic links made in the new root: `(path, target)`.
     pub(crate) symlinks: Vec<(String, String)>,
     /// The size of the private `/tmp`.

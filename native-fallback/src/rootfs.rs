@@ -177,23 +177,25 @@ impl HostRootfs {
         Ok(Self { layers, symlinks })
     }
 
-    /// Detached mounts for a new sandbox, in the order of the plan's `mounts`: the read-only
-    /// layers, then the workspace, idmapped so that its files (owned by the server's user on
-    /// disk) belong to the sandbox user inside.
-    pub(crate) fn mounts(
-        &self,
-        workspace: &Path,
-        idmap: &OwnedFd,
-    ) -> Result<(Vec<OwnedFd>, Vec<String>), RootfsError> {
-        let mut fds = Vec::with_capacity(self.layers.len() + 1);
-        let mut targets = Vec::with_capacity(self.layers.len() + 1);
+    /// Detached, read-only mounts of the template's layers, and where each goes.
+    pub(crate) fn layer_mounts(&self) -> Result<(Vec<OwnedFd>, Vec<String>), RootfsError> {
+        let mut fds = Vec::with_capacity(self.layers.len());
+        let mut targets = Vec::with_capacity(self.layers.len());
         for (host, target) in &self.layers {
             fds.push(detached(host, READ_ONLY_LAYER, None)?);
             targets.push(target.clone());
         }
-        fds.push(detached(workspace, WORKSPACE_LAYER, Some(idmap))?);
-        targets.push(SANDBOX_HOME.to_owned());
         Ok((fds, targets))
+    }
+
+    /// A detached mount of the workspace, idmapped so that its files (owned by the server's
+    /// user on disk) belong to the sandbox user inside, and the other way round.
+    pub(crate) fn workspace_mount(
+        &self,
+        workspace: &Path,
+        idmap: &OwnedFd,
+    ) -> Result<OwnedFd, RootfsError> {
+        detached(workspace, WORKSPACE_LAYER, Some(idmap))
     }
 
     /// The whole plan of the isolation sequence for one sandbox.
@@ -210,6 +212,7 @@ impl HostRootfs {
             uid: SANDBOX_UID,
             gid: SANDBOX_UID,
             mounts,
+            workspace: SANDBOX_HOME.to_owned(),
             symlinks: self.symlinks.clone(),
             tmp_bytes: tmpfs.tmp_bytes,
             shm_bytes: tmpfs.shm_bytes,

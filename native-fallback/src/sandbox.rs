@@ -67,89 +67,123 @@ pub struct NativeSandbox {
     reader: tokio::task::JoinHandle<()>,
 }
 
-impl NativeSandbox {
-    /// Starts a sandbox whose `/home/user` is `workspace`: clones init into new namespaces,
-    /// maps its ids, puts it in a new control group and has it run the isolation sequence.
-    pub(crate) async fn start(
+/// A sandbox whose init has run the first part of the isolation sequence (namespaces, cgroup,
+/// root, `/dev`, `/proc`, network, rlimits) and waits, still privileged inside its own user
+/// namespace and with no guest code run, for its workspace. The tier keeps a few in a pool.
+/// Dropping one kills its init and removes its control group.
+#[derive(Debug)]
+pub(crate) struct PreparedSandbox {
+    init: Pid,
+    control: Option<ControlSocket>,
+    cgroup: Option<SandboxCgroup>,
+}
+
+impl PreparedSandbox {
+    /// Creates the control group `name`, clones init into new namespaces, maps its ids and has
+    /// it prepare the root.
+    pub(crate) async fn prepare(
         tier: &NativeTier,
         name: &str,
-        workspace: &Path,
         limits: CgroupLimits,
     ) -> Result<Self, NativeError> {
         let cgroup = SandboxCgroup::create(name, limits)?;
-        match Self::start_in(tier, workspace, &cgroup).await {
-            Ok((init, control, reader, shared)) => Ok(Self {
-                init,
-                control,
-                shared,
-                next_id: AtomicU64::new(1),
-                cgroup: Mutex::new(Some(cgroup)),
-                reader,
-            }),
-            Err((init, error)) => {
+        let socket =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| NativeError::host(SetupStep::ControlSocket, e));
+        let (host_end, init_end) = match socket {
+            Ok(pair) => pair,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+                return Err(e);
+            }
+        };
+        let init = match launch_init(tier, init_end, &cgroup) {
+            Ok(init) => init,
+            Err((init, e)) => {
                 if let Some(init) = init {
                     kill_and_reap(init).await;
                 }
                 let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
-                Err(error)
+                return Err(e);
             }
-        }
+        };
+        // From here on, dropping `prepared` cleans up.
+        let mut prepared = Self { init, control: None, cgroup: Some(cgroup) };
+        let socket_error =
+            |e: std::io::Error| NativeError::host(SetupStep::ControlSocket, io_errno(&e));
+        set_nonblocking(host_end.as_fd())
+            .map_err(|e| NativeError::host(SetupStep::ControlSocket, e))?;
+        let control = prepared.control.insert(ControlSocket::new(host_end).map_err(socket_error)?);
+        let (layers, targets) = tier.rootfs.layer_mounts()?;
+        let borrowed: Vec<BorrowedFd<'_>> = layers.iter().map(AsFd::as_fd).collect();
+        control
+            .send(&HostMessage::Setup(tier.plan(targets)), &borrowed)
+            .await
+            .map_err(socket_error)?;
+        drop(layers);
+        expect(control, &InitMessage::Prepared).await?;
+        Ok(prepared)
     }
 
-    #[allow(clippy::type_complexity, reason = "a private helper's tuple, named at its one use")]
-    async fn start_in(
+    /// Attaches `workspace` at `/home/user` and has init finish the isolation sequence; the
+    /// sandbox is then ready for the guest.
+    pub(crate) async fn enter(
+        mut self,
         tier: &NativeTier,
         workspace: &Path,
-        cgroup: &SandboxCgroup,
-    ) -> Result<
-        (Pid, Arc<ControlSocket>, tokio::task::JoinHandle<()>, Arc<Shared>),
-        (Option<Pid>, NativeError),
-    > {
-        let step = |step: SetupStep| move |e: nix::Error| (None, NativeError::host(step, e));
-        let (mounts, targets) =
-            tier.rootfs.mounts(workspace, &tier.idmap).map_err(|e| (None, e.into()))?;
-        let flags = SockFlag::SOCK_CLOEXEC;
-        let (host_end, init_end) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)
-                .map_err(step(SetupStep::ControlSocket))?;
-        let init = launch_init(tier, init_end, cgroup)?;
-        let fail = |step: SetupStep| move |e: nix::Error| (Some(init), NativeError::host(step, e));
-        set_nonblocking(host_end.as_fd()).map_err(fail(SetupStep::ControlSocket))?;
-        let control = ControlSocket::new(host_end)
-            .map_err(|e| fail(SetupStep::ControlSocket)(io_errno(&e)))?;
-        let plan = tier.plan(targets);
-        let borrowed: Vec<BorrowedFd<'_>> = mounts.iter().map(AsFd::as_fd).collect();
-        control
-            .send(&HostMessage::Setup(plan), &borrowed)
-            .await
-            .map_err(|e| fail(SetupStep::ControlSocket)(io_errno(&e)))?;
-        drop(mounts);
-        let answer = tokio::time::timeout(SETUP_TIMEOUT, control.recv()).await;
-        match answer {
-            Ok(Ok(Some(Ok(InitMessage::Ready)))) => {}
-            Ok(Ok(Some(Ok(InitMessage::SetupFailed { step, error })))) => {
-                return Err((Some(init), NativeError::Setup { step, error }));
-            }
-            Ok(Ok(None)) => {
-                let error = "init exited before finishing the isolation sequence".to_owned();
-                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
-            }
-            Ok(Ok(Some(other))) => {
-                let error = format!("unexpected answer {other:?}");
-                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
-            }
-            Ok(Err(e)) => return Err(fail(SetupStep::ControlSocket)(io_errno(&e))),
-            Err(_) => {
-                let error = format!("no answer within {} s", SETUP_TIMEOUT.as_secs());
-                return Err((Some(init), NativeError::Setup { step: "start init".into(), error }));
-            }
+        memory_bytes: u64,
+    ) -> Result<NativeSandbox, NativeError> {
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.set_memory_limit(memory_bytes)?;
         }
+        let control = self.control.take().ok_or(NativeError::SandboxEnded)?;
+        let mount = tier.rootfs.workspace_mount(workspace, &tier.idmap)?;
+        let sent = control.send(&HostMessage::Enter, &[mount.as_fd()]).await;
+        sent.map_err(|e| NativeError::host(SetupStep::ControlSocket, io_errno(&e)))?;
+        drop(mount);
+        expect(&control, &InitMessage::Ready).await?;
         let control = Arc::new(control);
         let shared = Arc::new(Shared::default());
         let reader = tokio::spawn(read_messages(Arc::clone(&control), Arc::clone(&shared)));
-        Ok((init, control, reader, shared))
+        Ok(NativeSandbox {
+            init: self.init,
+            control,
+            shared,
+            next_id: AtomicU64::new(1),
+            cgroup: Mutex::new(self.cgroup.take()),
+            reader,
+        })
     }
+}
 
+impl Drop for PreparedSandbox {
+    fn drop(&mut self) {
+        let Some(cgroup) = self.cgroup.take() else { return };
+        let _ = kill(self.init, Signal::SIGKILL);
+        let _ = waitpid(self.init, None);
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!(error = %e, "removing a prepared sandbox's control group");
+        }
+    }
+}
+
+/// Waits for init's answer to a setup message.
+async fn expect(control: &ControlSocket, wanted: &InitMessage) -> Result<(), NativeError> {
+    let failed = |error: String| NativeError::Setup { step: "start init".into(), error };
+    match tokio::time::timeout(SETUP_TIMEOUT, control.recv()).await {
+        Ok(Ok(Some(Ok(answer)))) if answer == *wanted => Ok(()),
+        Ok(Ok(Some(Ok(InitMessage::SetupFailed { step, error })))) => {
+            Err(NativeError::Setup { step, error })
+        }
+        Ok(Ok(Some(Ok(other)))) => Err(failed(format!("unexpected answer {other:?}"))),
+        Ok(Ok(Some(Err(e)))) => Err(failed(e.to_string())),
+        Ok(Ok(None)) => Err(failed("init exited before finishing the isolation sequence".into())),
+        Ok(Err(e)) => Err(NativeError::host(SetupStep::ControlSocket, io_errno(&e))),
+        Err(_) => Err(failed(format!("no answer within {} s", SETUP_TIMEOUT.as_secs()))),
+    }
+}
+
+impl NativeSandbox {
     /// Init's pid on the host.
     pub fn init_pid(&self) -> Pid {
         self.init
@@ -323,7 +357,7 @@ async fn read_messages(control: Arc<ControlSocket>, shared: Arc<Shared>) {
                     let _ = tx.send(status);
                 }
             }
-            InitMessage::Ready | InitMessage::SetupFailed { .. } => {}
+            InitMessage::Prepared | InitMessage::Ready | InitMessage::SetupFailed { .. } => {}
         }
     }
     // Every waiter learns that the sandbox ended.

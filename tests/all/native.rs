@@ -276,3 +276,38 @@ async fn closing_a_sandbox_leaves_no_process_cgroup_or_mount() {
     let workspace = sandbox.workspace().display().to_string();
     assert!(!mounts.contains(&workspace), "a mount of the workspace survived");
 }
+
+#[tokio::test]
+async fn control_groups_left_by_a_dead_server_are_removed_at_start() {
+    if native_backend().is_none() {
+        return;
+    }
+    // A pid that no process has: above the kernel's maximum.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("a number");
+    let stale = format!("{}-7", pid_max + 1);
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let dirs: Vec<_> = if soulbox_native::cgroup_version() == 2 {
+        vec![root.join("soulbox").join(&stale)]
+    } else {
+        ["memory", "pids", "cpu"]
+            .iter()
+            .map(|c| root.join(c).join("soulbox").join(&stale))
+            .collect()
+    };
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).expect("a stale group");
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = soulbox_native::NativeConfig {
+        pool_size: 0,
+        ..soulbox_native::NativeConfig::new(state.path())
+    };
+    soulbox_native::NativeTier::new(config).expect("a second tier");
+    for dir in &dirs {
+        assert!(!dir.exists(), "{} survived", dir.display());
+    }
+}

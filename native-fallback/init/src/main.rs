@@ -37,16 +37,37 @@ fn main() -> ExitCode {
     let Ok(Some((HostMessage::Setup(plan), mounts))) = control.recv() else {
         return ExitCode::from(3);
     };
-    if let Err(failure) = setup::run(&plan, mounts) {
-        let message = InitMessage::SetupFailed {
-            step: failure.step.to_owned(),
-            error: failure.error.to_string(),
-        };
-        let _ = control.send(&message);
-        return ExitCode::from(4);
+    if let Err(failure) = setup::prepare(&plan, mounts) {
+        return report(&control, &failure);
     }
+    if control.send(&InitMessage::Prepared).is_err() {
+        return ExitCode::from(5);
+    }
+    let workspace = match control.recv() {
+        Ok(Some((HostMessage::Enter, fds))) if fds.len() == 1 => fds.into_iter().next(),
+        // The host closed its end: a pooled sandbox that was never used.
+        Ok(None) => return ExitCode::SUCCESS,
+        _ => None,
+    };
+    let Some(workspace) = workspace else {
+        return ExitCode::from(3);
+    };
+    if let Err(failure) = setup::enter(&plan, &workspace) {
+        return report(&control, &failure);
+    }
+    drop(workspace);
     if control.send(&InitMessage::Ready).is_err() {
         return ExitCode::from(5);
     }
     supervisor::serve(control)
+}
+
+/// Tells the host which step failed; init then exits.
+fn report(control: &Control, failure: &setup::SetupFailure) -> ExitCode {
+    let message = InitMessage::SetupFailed {
+        step: failure.step.to_owned(),
+        error: failure.error.to_string(),
+    };
+    let _ = control.send(&message);
+    ExitCode::from(4)
 }

@@ -87,8 +87,9 @@ fn in_root(path: &str) -> PathBuf {
     Path::new(NEW_ROOT).join(path.trim_start_matches('/'))
 }
 
-/// Runs the whole sequence. `mounts` are the detached trees for `plan.mounts`.
-pub(crate) fn run(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFailure> {
+/// Runs the first part of the sequence, up to (not including) the workspace and the dropping
+/// of privileges. `mounts` are the detached trees for `plan.mounts`.
+pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFailure> {
     let root = Uid::from_raw(0);
     let root_group = Gid::from_raw(0);
     step("become root of the user namespace", || {
@@ -109,7 +110,8 @@ pub(crate) fn run(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFai
     step("mount the new root", || {
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), flags, Some("mode=0755,size=1m"))?;
-        for dir in plan.mounts.iter().map(String::as_str).chain(["/tmp", "/dev", "/proc"]) {
+        let fixed = [plan.workspace.as_str(), "/tmp", "/dev", "/proc"];
+        for dir in plan.mounts.iter().map(String::as_str).chain(fixed) {
             fs::create_dir_all(in_root(dir))?;
         }
         for (path, target) in &plan.symlinks {
@@ -117,7 +119,7 @@ pub(crate) fn run(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFai
         }
         Ok(())
     })?;
-    step("attach the template's layers and the workspace", || {
+    step("attach the template's layers", || {
         if mounts.len() != plan.mounts.len() {
             return Err(StepError::Plan("the number of mounts sent does not match the plan"));
         }
@@ -173,6 +175,16 @@ pub(crate) fn run(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), SetupFai
             setrlimit(resource, limit.limit, limit.limit)?;
         }
         Ok(())
+    })?;
+    Ok(())
+}
+
+/// Runs the rest of the sequence: attaches the workspace, then drops every privilege.
+pub(crate) fn enter(plan: &SetupPlan, workspace: &OwnedFd) -> Result<(), SetupFailure> {
+    step("attach the workspace", || {
+        let target = CString::new(plan.workspace.as_bytes())
+            .map_err(|_| StepError::Plan("the workspace path contains a NUL byte"))?;
+        Ok(sys::move_mount(workspace.as_fd(), &target)?)
     })?;
     step("empty the capability bounding set", || Ok(caps::clear(None, CapSet::Bounding)?))?;
     step("become the sandbox user", || {

@@ -55,7 +55,7 @@ pub(crate) fn serve(control: Control) -> ExitCode {
                     let _ = killpg(pid, signal);
                 }
             }
-            Ok(Some((HostMessage::Setup(_), _))) => {}
+            Ok(Some((HostMessage::Setup(_) | HostMessage::Enter, _))) => {}
             Ok(None) => return ExitCode::SUCCESS,
             Err(_) => return ExitCode::from(6),
         }

@@ -14,31 +14,35 @@
 //!
 //! In the order the code runs it. Every step either succeeds or the sandbox is refused (init
 //! reports the failed step, the host kills it and removes what it made): there is no path
-//! that runs guest code with less isolation than asked.
+//! that runs guest code with less isolation than asked. The sequence has two parts: the first
+//! builds everything but the workspace and may run ahead of time, for the tier's pool of
+//! prepared sandboxes ([`NativeConfig::pool_size`]); the second runs when a sandbox is
+//! started. No guest code runs before the second part is complete.
 //!
-//! On the host ([`NativeSandbox`]'s start):
+//! **Prepare**, on the host ([`NativeTier`], `sandbox.rs`):
 //!
-//! 1. **Control group** `soulbox/<sandbox>` in every hierarchy (cgroup v1) or the unified one
-//!    (v2), through cgroups-rs: memory limit with swap forbidden, a process count, a CPU quota.
-//! 2. **Detached mounts** (`open_tree(OPEN_TREE_CLONE)` + `mount_setattr`): the host's `/usr`
-//!    (plus `/bin`, `/lib*`, `/sbin` where they are directories) and an allow-listed copy of
-//!    `/etc`, read-only, nosuid, nodev; the sandbox's workspace read-write, nosuid, nodev,
-//!    **idmapped** so that files the server owns on disk belong to the sandbox user inside and
-//!    files the sandbox user creates are the server's on disk (the WASM tier and the native
-//!    tier share the workspace without `chown`).
-//! 3. **Namespaces**: `clone(CLONE_VM | CLONE_VFORK)` with new user, pid, mount, network, UTS
-//!    and IPC namespaces; the child's only work is to set descriptors 0-2 to `/dev/null`, 3
-//!    to its end of the control socket, and `execveat` the sealed init image with an empty
-//!    environment.
+//! 1. **Control group** `soulbox/<server pid>-<n>` in every hierarchy (cgroup v1) or the
+//!    unified one (v2), through cgroups-rs: memory limit with swap forbidden, a process count,
+//!    a CPU quota. (Groups of servers that are gone are removed when a tier starts.)
+//! 2. **Detached mounts** of the template's layers (`open_tree(OPEN_TREE_CLONE)` +
+//!    `mount_setattr`): the host's `/usr` (plus `/bin`, `/lib*`, `/sbin` where they are
+//!    directories) and an allow-listed copy of `/etc`, read-only, nosuid, nodev.
+//! 3. **Namespaces**: `clone(CLONE_VM)` with new user, pid, mount, network, UTS and IPC
+//!    namespaces. The child waits until step 5, becomes root of its user namespace (so that it
+//!    keeps its capabilities there across `execve`), sets descriptors 0-2 to `/dev/null` and 3
+//!    to its end of the control socket, and `execveat`s the sealed init image with an empty
+//!    environment (`sys/spawn.rs`).
 //! 4. **Id maps**: the sandbox's ids 0..65536 map to the host's 100000.. ([`SANDBOX_UID_BASE`]);
 //!    nothing in a sandbox runs as a host user that exists.
-//! 5. **Join the control group**, then send the plan with the detached mounts.
+//! 5. **Join the control group**, release the child, send the plan with the layers.
 //!
-//! In init (`native-fallback/init/src/setup.rs`), as root of its own user namespace:
+//! **Prepare**, in init (`native-fallback/init/src/setup.rs`, `prepare`), as root of its own
+//! user namespace:
 //!
-//! 6. Become root of the user namespace; make every mount private.
-//! 7. **New root**: a small tmpfs with the layers and the workspace attached (`move_mount`),
-//!    links for merged-usr, a private size-limited `/tmp`.
+//! 6. Every descriptor above 3 closed, the control socket made close-on-exec; become root of
+//!    the user namespace; make every mount private.
+//! 7. **New root**: a small tmpfs with the layers attached (`move_mount`), links for merged-usr,
+//!    an empty `/home/user`, a private size-limited `/tmp`.
 //! 8. **Private `/dev`**: a tmpfs with only null, zero, full, random, urandom and tty (bound
 //!    from the host's), a new devpts instance, a size-limited `/dev/shm`.
 //! 9. **Fresh `/proc`** for the new pid namespace, Docker's masked paths hidden (`kcore`,
@@ -47,21 +51,39 @@
 //! 10. **`pivot_root`** into the new root, the old root detached; the root made read-only.
 //! 11. Host name; loopback up (the network namespace has nothing else: no network); a new
 //!     cgroup namespace rooted at the sandbox's group.
-//! 12. **rlimits** as a backstop: open files, file size, no core dumps, stack.
-//! 13. **Capabilities**: the bounding set emptied; then no supplementary groups and the
+//! 12. **rlimits** as a backstop: open files, file size, no core dumps, stack. Init answers
+//!     `Prepared` and waits (in the pool, or at once).
+//!
+//! **Enter**, when a sandbox starts:
+//!
+//! 13. The host sets the memory limit and sends a detached mount of the sandbox's workspace,
+//!     read-write, nosuid, nodev, **idmapped** so that files the server owns on disk belong to
+//!     the sandbox user inside and files the sandbox user creates are the server's on disk
+//!     (the WASM tier and the native tier share the workspace without `chown`). Init attaches
+//!     it at `/home/user`.
+//! 14. **Capabilities**: the bounding set emptied; then no supplementary groups and the
 //!     sandbox user (1000) for real, effective and saved ids, which clears the permitted and
 //!     effective sets; the ambient and inheritable sets cleared.
-//! 14. **`no_new_privs`**; init made undumpable (its memory and `/proc` files are not the
+//! 15. **`no_new_privs`**; init made undumpable (its memory and `/proc` files are not the
 //!     guest's to read).
-//! 15. **seccomp**: the filters of [`seccomp`], in order, inherited by every process.
-//! 16. Init says it is ready. Every process it starts gets only the environment the host
-//!     sends (built from an allow-list, never the server's own), descriptors 0-2 from the
-//!     host and nothing else (every other descriptor init holds is close-on-exec), its own
-//!     process group.
+//! 16. **seccomp**: the filters of [`seccomp`], in order, inherited by every process.
+//! 17. Init answers `Ready`. Every process it starts gets only the environment the host sends
+//!     (built from an allow-list, never the server's own), descriptors 0-2 from the host and
+//!     nothing else (every other descriptor init holds is close-on-exec), its own process
+//!     group.
 //!
 //! When the sandbox ends, the host kills init, which takes every process of the pid
 //! namespace with it, reaps it, kills whatever is left in the control group and removes the
-//! group. The mounts existed only in the sandbox's mount namespace and vanish with it.
+//! group. The mounts existed only in the sandbox's mount namespace and vanish with it. If the
+//! server itself dies, every init sees its control socket close and exits, taking its sandbox
+//! with it.
+//!
+//! # Not yet
+//!
+//! - A disk quota for the workspace: it is a directory of the host's data directory, bounded
+//!   only by the per-file rlimit. `/tmp` and `/dev/shm` are size-limited tmpfs.
+//! - The cgroup v2 path is written against cgroups-rs's v2 support and the kernel's
+//!   documentation, but these development machines run v1 and could not exercise it.
 
 mod backend;
 mod cgroup;

@@ -155,10 +155,12 @@ pub(crate) struct TmpfsSizes {
 }
 
 impl HostRootfs {
-    /// Builds the sandbox's `/etc` under `state_dir` (replacing an older one) and finds the
-    /// host's top-level layout.
+    /// Builds the sandbox's `/etc` under `state_dir` and finds the host's top-level layout.
+    /// Each server process has its own copy (`etc-<pid>`: servers sharing a data directory
+    /// never change one another's), and removes the copies of servers that are gone.
     pub(crate) fn prepare(state_dir: &Path) -> Result<Self, RootfsError> {
-        let etc = state_dir.join("etc");
+        remove_stale_etc(state_dir);
+        let etc = state_dir.join(format!("etc-{}", std::process::id()));
         build_etc(&etc, Path::new("/etc"))?;
         let mut layers = vec![(PathBuf::from("/usr"), "/usr".to_owned()), (etc, "/etc".to_owned())];
         let mut symlinks = Vec::new();
@@ -237,6 +239,20 @@ fn detached(path: &Path, attributes: u64, idmap: Option<&OwnedFd>) -> Result<Own
     let tree = mounts::clone_tree(&c_path).map_err(error)?;
     mounts::set_attributes(tree.as_fd(), attributes, idmap.map(AsFd::as_fd)).map_err(error)?;
     Ok(tree)
+}
+
+/// Removes `etc-<pid>` copies whose process is gone.
+fn remove_stale_etc(state_dir: &Path) {
+    let Ok(entries) = fs::read_dir(state_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("etc-").and_then(|rest| rest.split('.').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Copies the allow-listed entries of `host_etc` and writes the generated files into a fresh

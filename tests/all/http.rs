@@ -46,15 +46,27 @@ async fn health_lists_tiers_and_languages() {
     assert_eq!(status, 200);
     let health: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["tiers"], json!(["wasm"]));
-    let ready: Vec<&str> = health["languages"]
-        .as_array()
-        .expect("languages")
-        .iter()
-        .filter(|l| l["status"]["status"] == "ready")
-        .filter_map(|l| l["language"].as_str())
-        .collect();
-    assert_eq!(ready, ["python", "javascript", "ruby"]);
+    assert_eq!(health["tiers"][0], json!({"tier": "wasm", "available": true}));
+    let native = &health["tiers"][1];
+    assert_eq!(native["tier"], "native");
+    // Where the native tier cannot run, /health says why.
+    assert_eq!(native["available"], soulbox_tests::native_backend().is_some(), "{native}");
+    if native["available"] == false {
+        assert!(native["reason"].as_str().is_some_and(|r| !r.is_empty()), "{native}");
+    }
+    let ready = |tier: &str| -> Vec<String> {
+        health["languages"]
+            .as_array()
+            .expect("languages")
+            .iter()
+            .filter(|l| l["status"]["status"] == "ready" && l["tier"] == tier)
+            .filter_map(|l| l["language"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(ready("wasm"), ["python", "javascript", "ruby"]);
+    if native["available"] == true {
+        assert!(ready("native").contains(&"bash".to_owned()), "{health}");
+    }
 }
 
 #[tokio::test]
@@ -146,4 +158,24 @@ async fn unknown_language_and_bad_json_are_400_with_clear_messages() {
     .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_limits");
+}
+
+#[tokio::test]
+async fn run_takes_a_command_for_the_native_tier() {
+    if soulbox_tests::native_backend().is_none() {
+        return;
+    }
+    let base = serve().await;
+    let url = format!("{base}/v1/run");
+    let (status, body) = post(&url, json!({"command": ["sh", "-c", "echo hi; id -u"]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tier"], "native");
+    assert_eq!(body["stdout"], "hi\n1000\n");
+    assert_eq!(body["exit_code"], 0);
+    let (status, body) =
+        post(&url, json!({"command": ["true"], "language": "python", "code": "1"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request");
+    let (status, body) = post(&url, json!({"command": []})).await;
+    assert_eq!(status, 400, "{body}");
 }

@@ -1060,3 +1060,33 @@ async fn escape_posture_of_a_child_from_outside() {
     );
     dispatcher.close(&sandbox).await;
 }
+
+#[tokio::test]
+async fn escape_overwrite_the_init_binary() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let backend = native_backend().expect("the native tier");
+    let native = backend.sandbox(&sandbox, &Limits::default()).await.expect("a native sandbox");
+    let init = native.init_pid();
+    drop(native);
+    // Init runs from a sealed memfd, not from a file of the host.
+    let exe = std::fs::read_link(format!("/proc/{init}/exe")).expect("init's exe");
+    assert!(exe.display().to_string().starts_with("/memfd:soulbox-init"), "{}", exe.display());
+    // Natively, root can open an ordinary running binary's file for writing once it is not
+    // being executed; a copy shows the probe works.
+    let copy = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::copy("/usr/bin/true", copy.path()).expect("a copy of true");
+    assert!(std::fs::OpenOptions::new().write(true).open(copy.path()).is_ok());
+    // Even root on the host cannot write the sealed image through /proc/<init>/exe.
+    let from_host = std::fs::OpenOptions::new().write(true).open(format!("/proc/{init}/exe"));
+    let errno = from_host.expect_err("the image is sealed").raw_os_error();
+    const EPERM: i32 = 1;
+    const EACCES: i32 = 13;
+    const ETXTBSY: i32 = 26;
+    assert!(errno.is_some_and(|e| [EPERM, EACCES, ETXTBSY].contains(&e)), "{errno:?}");
+    // And from inside, the guest cannot even reach it.
+    let probe = "import os\ntry:\n    open('/proc/1/exe', 'r+b')\n    print('OPENED')\nexcept OSError as e:\n    print(e.errno)";
+    let output = run(&dispatcher, &sandbox, command(&["python3", "-c", probe])).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    assert_ne!(output.stdout.trim(), "OPENED", "{output:?}");
+    dispatcher.close(&sandbox).await;
+}

@@ -240,7 +240,13 @@ impl NativeBackend {
     ) -> Result<BackendOutcome, NativeError> {
         let began = Instant::now();
         let deadline = tokio::time::Instant::now() + request.limits.wall_timeout;
-        let native = self.sandbox(sandbox, &request.limits).await?;
+        let mut native = self.sandbox(sandbox, &request.limits).await?;
+        if !native.is_alive() {
+            // Its init is gone (killed from outside): start a fresh one on the same workspace.
+            drop(native);
+            self.forget(sandbox.id());
+            native = self.sandbox(sandbox, &request.limits).await?;
+        }
         native.set_memory_limit(request.limits.memory_bytes)?;
         let startup = began.elapsed();
         let env = self.environment(sandbox, request);
@@ -422,7 +428,8 @@ impl Run<'_> {
         let mut err = vec![0u8; 64 << 10];
         let (mut out_open, mut err_open) = (true, true);
         let mut status: Option<ExitStatus> = None;
-        let grace = tokio::time::sleep(Duration::MAX.min(Duration::from_secs(u64::from(u32::MAX))));
+        // Armed (reset) when the process exits; its branch is disabled until then.
+        let grace = tokio::time::sleep(OUTPUT_GRACE);
         tokio::pin!(grace);
         loop {
             if status.is_some() && !out_open && !err_open {

@@ -184,6 +184,11 @@ async fn expect(control: &ControlSocket, wanted: &InitMessage) -> Result<(), Nat
 }
 
 impl NativeSandbox {
+    /// Whether init is still there (it has not closed its control socket).
+    pub fn is_alive(&self) -> bool {
+        !self.reader.is_finished()
+    }
+
     /// Init's pid on the host.
     pub fn init_pid(&self) -> Pid {
         self.init
@@ -205,9 +210,10 @@ impl NativeSandbox {
         let fds = [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()];
         let sent = self.control.send(&HostMessage::Spawn(request), &fds).await;
         drop((stdin_read, stdout_write, stderr_write));
-        if let Err(e) = sent {
+        if sent.is_err() {
+            // The only way a send on the pair fails is init having closed its end.
             self.shared.lock().remove(&id);
-            return Err(NativeError::host(SetupStep::ControlSocket, io_errno(&e)));
+            return Err(NativeError::SandboxEnded);
         }
         let pid = match started_rx.await {
             Ok(Ok(pid)) => pid,
@@ -230,10 +236,7 @@ impl NativeSandbox {
     /// Sends `signal` to the process group of `process`.
     pub async fn signal(&self, process: ProcessId, signal: Signal) -> Result<(), NativeError> {
         let message = HostMessage::Signal { id: process.0, signal: signal as i32 };
-        self.control
-            .send(&message, &[])
-            .await
-            .map_err(|e| NativeError::host(SetupStep::ControlSocket, io_errno(&e)))
+        self.control.send(&message, &[]).await.map_err(|_| NativeError::SandboxEnded)
     }
 
     /// Sets the memory limit of the whole sandbox.

@@ -311,3 +311,34 @@ async fn control_groups_left_by_a_dead_server_are_removed_at_start() {
         assert!(!dir.exists(), "{} survived", dir.display());
     }
 }
+
+#[tokio::test]
+async fn a_sandbox_whose_init_was_killed_restarts_on_the_same_workspace() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let native = native_backend().expect("the native tier is available");
+    let output = run(&dispatcher, &sandbox, shell("echo kept > note.txt")).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    let handle = native.sandbox(&sandbox, &Limits::default()).await.expect("the live sandbox");
+    let init = handle.init_pid();
+    drop(handle);
+    kill_process(init.as_raw());
+    // Give the host a moment to see init's socket close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while native.sandbox(&sandbox, &Limits::default()).await.expect("sandbox").is_alive()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let output = run(&dispatcher, &sandbox, shell("cat note.txt")).await;
+    assert_eq!(output.stdout, "kept\n", "{output:?}");
+    dispatcher.close(&sandbox).await;
+}
+
+/// SIGKILL to a host pid, with the `kill` program (the tests forbid `unsafe`).
+fn kill_process(pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
+#[cfg(feature = "native")]
+use soulbox_runtime::SandboxId;
 use soulbox_runtime::{Dispatcher, Sandbox, SandboxSpec, Tier};
 
 /// Everything a command or the server needs: the data directory and the dispatcher.
@@ -12,9 +14,17 @@ pub struct App {
     data_dir: PathBuf,
     dispatcher: Dispatcher,
     tiers: Vec<TierStatus>,
+    /// The size limits of ephemeral sandboxes' workspaces (where the native tier runs: they
+    /// need root).
+    #[cfg(feature = "native")]
+    workspace_limits: Option<Arc<WorkspaceLimits>>,
     #[cfg(feature = "wasm")]
     wasm: Arc<soulbox_wasm::WasmBackend>,
 }
+
+#[cfg(feature = "native")]
+type WorkspaceLimits =
+    std::sync::Mutex<std::collections::HashMap<SandboxId, soulbox_native::WorkspaceLimit>>;
 
 /// Whether a tier runs in this process, and why not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,11 +60,14 @@ impl App {
             dispatcher.with_backend(wasm.clone())
         };
         #[cfg(feature = "native")]
+        let mut workspace_limits = None;
+        #[cfg(feature = "native")]
         let dispatcher = {
             let config = soulbox_native::NativeConfig::new(data_dir.join("native"));
             match soulbox_native::NativeTier::new(config) {
                 Ok(tier) => {
                     tiers.push(TierStatus { tier: Tier::Native, available: true, reason: None });
+                    workspace_limits = Some(Arc::default());
                     dispatcher.with_backend(Arc::new(soulbox_native::NativeBackend::new(tier)))
                 }
                 Err(error) => {
@@ -78,6 +91,8 @@ impl App {
             data_dir: data_dir.to_owned(),
             dispatcher,
             tiers,
+            #[cfg(feature = "native")]
+            workspace_limits,
             #[cfg(feature = "wasm")]
             wasm,
         })
@@ -104,14 +119,44 @@ impl App {
         &self.wasm
     }
 
-    /// A new sandbox for one execution; remove it with [`App::discard`].
+    /// A new sandbox for one execution; remove it with [`App::discard`]. Where the native
+    /// tier runs, its workspace is a tmpfs of
+    /// [`soulbox_native::DEFAULT_EPHEMERAL_WORKSPACE_BYTES`]: writing more fails with ENOSPC
+    /// in both tiers and never reaches the host's disk.
     pub fn ephemeral_sandbox(&self, spec: SandboxSpec) -> anyhow::Result<Arc<Sandbox>> {
-        Ok(Arc::new(Sandbox::create(&self.data_dir.join("sandboxes"), spec)?))
+        let sandbox = Sandbox::create(&self.data_dir.join("sandboxes"), spec)?;
+        #[cfg(feature = "native")]
+        if let Some(limits) = &self.workspace_limits {
+            let size = soulbox_native::DEFAULT_EPHEMERAL_WORKSPACE_BYTES;
+            match soulbox_native::WorkspaceLimit::tmpfs(sandbox.workspace(), size) {
+                Ok(limit) => {
+                    limits
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(sandbox.id().clone(), limit);
+                }
+                Err(error) => {
+                    let _ = sandbox.remove_files();
+                    return Err(error.into());
+                }
+            }
+        }
+        Ok(Arc::new(sandbox))
     }
 
     /// Releases a sandbox in every tier and removes its files.
     pub async fn discard(&self, sandbox: &Sandbox) {
         self.dispatcher.close(sandbox).await;
+        #[cfg(feature = "native")]
+        if let Some(limits) = &self.workspace_limits {
+            let limit = limits
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(sandbox.id());
+            if let Some(Err(error)) = limit.map(soulbox_native::WorkspaceLimit::remove) {
+                tracing::warn!(%error, "could not unmount a sandbox's workspace");
+            }
+        }
         if let Err(error) = sandbox.remove_files() {
             tracing::warn!(%error, "could not remove a sandbox's files");
         }

@@ -213,3 +213,34 @@ fn without_root_native_executions_are_refused_with_the_reason() {
         rows.as_array().expect("rows").iter().filter_map(|r| r["tier"].as_str()).collect();
     assert!(tiers.iter().all(|t| *t == "wasm"), "{tiers:?}");
 }
+
+#[test]
+fn filling_the_workspace_stops_at_its_size_in_both_tiers_and_spares_the_host_disk() {
+    let data = installed();
+    if soulbox_tests::native_backend().is_none() {
+        return;
+    }
+    let free_before = free_bytes(&data);
+    let out = soulbox(
+        &data,
+        &["run", "--lang", "bash", "-c", "head -c 400000000 /dev/zero > big; echo $?; ls -s big"],
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("1\n"), "{stdout}");
+    let python =
+        "f = open('/home/user/big', 'wb')\nfor _ in range(400):\n    f.write(b'x' * (1 << 20))";
+    let out = soulbox(&data, &["run", "--lang", "python", "-c", python]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("No space left on device"), "{}", text(&out.stderr));
+    // Nothing of it reached the disk of the data directory.
+    let free_after = free_bytes(&data);
+    assert!(free_before.saturating_sub(free_after) < 100 << 20, "{free_before} -> {free_after}");
+}
+
+/// Free bytes of the file system holding `path`, from `df`.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().expect("df");
+    text(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("a number")
+}

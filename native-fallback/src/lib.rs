@@ -80,8 +80,11 @@
 //!
 //! # Not yet
 //!
-//! - A disk quota for the workspace: it is a directory of the host's data directory, bounded
-//!   only by the per-file rlimit. `/tmp` and `/dev/shm` are size-limited tmpfs.
+//! - A disk quota for long-lived workspaces: the workspace of a sandbox made for one execution
+//!   is a size-limited tmpfs ([`WorkspaceLimit`]), but a workspace that must outlive the server
+//!   (persistent sandboxes) needs a disk-backed limit (a loop-mounted image, or project quotas
+//!   where the file system has them; this kernel lacks `CONFIG_QFMT_V2`, so ext4 quotas cannot
+//!   run here).
 //! - The cgroup v2 path is written against cgroups-rs's v2 support and the kernel's
 //!   documentation, but these development machines run v1 and could not exercise it.
 
@@ -95,6 +98,7 @@ mod sandbox;
 pub mod seccomp;
 #[allow(unsafe_code, reason = "the native tier's kernel calls live here, each block justified")]
 mod sys;
+mod workspace;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -120,6 +124,7 @@ pub use rootfs::{
 use sandbox::PreparedSandbox;
 pub use sandbox::{NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec};
 use seccomp::{SeccompError, SeccompFilters};
+pub use workspace::{DEFAULT_EPHEMERAL_WORKSPACE_BYTES, WorkspaceLimit};
 
 /// The init binary, built by `build.rs`.
 static INIT_BINARY: &[u8] = include_bytes!(env!("SOULBOX_INIT_BINARY"));
@@ -199,6 +204,14 @@ pub enum NativeError {
     /// Removing the sandbox failed.
     #[error("native sandbox teardown: {0}")]
     Teardown(String),
+    /// A workspace's size limit could not be mounted or removed.
+    #[error("workspace size limit on {path}: {errno}")]
+    Workspace {
+        /// The workspace directory.
+        path: PathBuf,
+        /// The kernel's answer.
+        errno: nix::Error,
+    },
     /// This host cannot run native sandboxes.
     #[error("the native tier is unavailable: {0}")]
     Unavailable(String),

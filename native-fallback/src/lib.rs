@@ -30,8 +30,9 @@
 //! 3. **Namespaces**: `clone(CLONE_VM)` with new user, pid, mount, network, UTS and IPC
 //!    namespaces. The child waits until step 5, becomes root of its user namespace (so that it
 //!    keeps its capabilities there across `execve`), sets descriptors 0-2 to `/dev/null` and 3
-//!    to its end of the control socket, and `execveat`s the sealed init image with an empty
-//!    environment (`sys/spawn.rs`).
+//!    to its end of the control socket, resets every signal's disposition and its signal mask
+//!    (nothing of the server's signal handling survives), and `execveat`s the sealed init image
+//!    with an empty environment (`sys/spawn.rs`).
 //! 4. **Id maps**: the sandbox's ids 0..65536 map to the host's 100000.. ([`SANDBOX_UID_BASE`]);
 //!    nothing in a sandbox runs as a host user that exists.
 //! 5. **Join the control group**, release the child, send the plan with the layers.
@@ -70,7 +71,9 @@
 //! 17. Init answers `Ready`. Every process it starts gets only the environment the host sends
 //!     (built from an allow-list, never the server's own), descriptors 0-2 from the host and
 //!     nothing else (every other descriptor init holds is close-on-exec), its own process
-//!     group.
+//!     group. Init reaps every process that ends (orphans included), reports how the host's
+//!     processes ended, signals a process group on the host's request, and passes the signals
+//!     it receives itself (TERM, INT, HUP, QUIT, USR1, USR2) to every process of the sandbox.
 //!
 //! When the sandbox ends, the host kills init, which takes every process of the pid
 //! namespace with it, reaps it, kills whatever is left in the control group and removes the

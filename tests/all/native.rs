@@ -342,3 +342,46 @@ fn kill_process(pid: i32) {
         .expect("kill runs");
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn init_passes_the_signals_it_receives_to_the_sandbox() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let native = native_backend().expect("the native tier is available");
+    let script = "trap 'echo got TERM > /home/user/signalled; exit 0' TERM; \
+                  echo ready > /home/user/ready; while true; do sleep 0.05; done";
+    let started =
+        run(&dispatcher, &sandbox, shell(&format!("({script}) > /dev/null 2>&1 &"))).await;
+    assert_eq!(started.termination, Some(Termination::Exited { code: 0 }), "{started:?}");
+    wait_for(&sandbox.workspace().join("ready")).await;
+    let handle = native.sandbox(&sandbox, &Limits::default()).await.expect("the live sandbox");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &handle.init_pid().as_raw().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let signalled = sandbox.workspace().join("signalled");
+    wait_for(&signalled).await;
+    assert_eq!(std::fs::read_to_string(&signalled).expect("the trap ran"), "got TERM\n");
+    assert!(handle.is_alive(), "init itself keeps running");
+    // What init starts does not inherit anything of init's signal handling.
+    let mask = run(&dispatcher, &sandbox, shell("grep -E '^Sig(Blk|Ign)' /proc/self/status")).await;
+    assert_eq!(mask.stdout, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
+    drop(handle);
+    dispatcher.close(&sandbox).await;
+}
+
+/// Waits up to 5 s for a file to appear.
+async fn wait_for(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_isolation_step_refuses_the_sandbox() {
+    let Some(native) = native_backend() else { return };
+    let missing = std::path::Path::new("/nonexistent/soulbox/workspace");
+    let refused = native.tier().start_sandbox(missing, 256 << 20).await.expect_err("refused");
+    assert!(refused.to_string().contains("/nonexistent/soulbox/workspace"), "{refused}");
+}

@@ -38,6 +38,11 @@ impl Processes {
 pub(crate) fn serve(control: Control) -> ExitCode {
     let control = Arc::new(control);
     let processes = Arc::new(Processes::default());
+    // Signals sent to init (by the host, for a graceful stop) go to every other process of the
+    // sandbox, as tini and docker-init do.
+    for signal in FORWARDED_SIGNALS {
+        let _ = crate::sys::forward_to_sandbox(signal);
+    }
     {
         let control = Arc::clone(&control);
         let processes = Arc::clone(&processes);
@@ -131,3 +136,13 @@ fn reap(control: &Control, processes: &Processes) {
         }
     }
 }
+
+/// The signals init passes on to the whole sandbox.
+const FORWARDED_SIGNALS: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];

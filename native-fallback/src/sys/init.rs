@@ -57,3 +57,19 @@ pub(crate) fn close_descriptors_from(first: u32) -> nix::Result<()> {
     // (init holds none above `first` that it still needs).
     Errno::result(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
 }
+
+/// Makes init pass `signal` on to every other process of its pid namespace, from a handler
+/// (PID 1 of a namespace receives only the signals it has a handler for). A handler, not a
+/// blocked mask and a waiting thread: the processes init starts would inherit the mask, while
+/// a handler is reset by their `execve`.
+pub(crate) fn forward_to_sandbox(signal: nix::sys::signal::Signal) -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    extern "C" fn forward(signal: libc::c_int) {
+        // SAFETY: kill is async-signal-safe; -1 from PID 1 means every process of the
+        // namespace but init.
+        unsafe { libc::kill(-1, signal) };
+    }
+    let action = SigAction::new(SigHandler::Handler(forward), SaFlags::SA_RESTART, SigSet::empty());
+    // SAFETY: the handler only calls kill, which is async-signal-safe.
+    unsafe { sigaction(signal, &action) }.map(drop)
+}

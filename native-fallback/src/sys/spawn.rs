@@ -19,6 +19,9 @@ use nix::unistd::{Pid, pipe2};
 /// The stack of a cloned child; it runs a few system calls only.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
+/// The number of signals the kernel has on x86_64 (1-64).
+const KERNEL_SIGNALS: libc::c_int = 64;
+
 /// The exit code of a child whose setup or `execveat` failed.
 const EXEC_FAILED: i32 = 127;
 
@@ -195,7 +198,7 @@ pub(crate) fn clone_init(fds: InitFds<'_>) -> nix::Result<InitChild> {
 }
 
 /// The cloned child: waits for the go, becomes root of its user namespace, sets its
-/// descriptors and signal mask, and executes init. Any failure writes the errno to the report
+/// descriptors, resets its signal dispositions and mask, and executes init. Any failure writes the errno to the report
 /// pipe and exits.
 extern "C" fn init_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the `ChildArgs` the parent keeps alive until we have executed or
@@ -220,7 +223,25 @@ extern "C" fn init_child(arg: *mut libc::c_void) -> libc::c_int {
                 fail();
             }
         }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &args.signal_mask, std::ptr::null_mut());
+        // A signal the server ignores would stay ignored across `execve` (and in everything
+        // init starts); the raw call also reaches the signals glibc reserves for itself. The
+        // handler table is our own (no CLONE_SIGHAND), and an all-zero `struct
+        // kernel_sigaction` is SIG_DFL with no flags and an empty mask.
+        let default_action = [0usize; 4];
+        for signal in 1..=KERNEL_SIGNALS {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    default_action.as_ptr(),
+                    0usize,
+                    8usize,
+                );
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execveat(
             args.image,
             c"".as_ptr(),

@@ -404,7 +404,9 @@ impl Run<'_> {
                 let _ = output.write(OutputStream::Stderr, message.as_bytes(), self.limits);
                 return Ok(Termination::Exited { code: COMMAND_NOT_FOUND });
             }
-            Err(NativeError::Spawn { errno, message }) if errno == libc::EACCES => {
+            Err(NativeError::Spawn { errno, message })
+                if errno == libc::EACCES || errno == libc::E2BIG =>
+            {
                 let message = format!("soulbox: {message}\n");
                 let _ = output.write(OutputStream::Stderr, message.as_bytes(), self.limits);
                 return Ok(Termination::Exited { code: COMMAND_NOT_EXECUTABLE });
@@ -450,11 +452,10 @@ impl Run<'_> {
                     None
                 },
                 () = &mut grace, if status.is_some() => break,
-                () = tokio::time::sleep_until(self.deadline) => {
+                // Once the process has exited, only the grace period is left to wait.
+                () = tokio::time::sleep_until(self.deadline), if status.is_none() => {
                     self.native.signal(id, Signal::SIGKILL).await?;
-                    if status.is_none() {
-                        let _ = process.exit.wait().await;
-                    }
+                    let _ = process.exit.wait().await;
                     return Ok(self.timed_out());
                 }
             };

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::NativeTier;
 use crate::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::control::ControlSocket;
-use crate::protocol::{ExitStatus, HostMessage, InitMessage, SpawnRequest};
+use crate::protocol::{ExitStatus, HostMessage, InitMessage, MAX_MESSAGE_BYTES, SpawnRequest};
 use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID_BASE};
 use crate::sys::spawn::{InitFds, clone_init};
 use crate::{NativeError, SetupStep};
@@ -210,9 +210,18 @@ impl NativeSandbox {
         let fds = [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()];
         let sent = self.control.send(&HostMessage::Spawn(request), &fds).await;
         drop((stdin_read, stdout_write, stderr_write));
-        if sent.is_err() {
-            // The only way a send on the pair fails is init having closed its end.
+        if let Err(e) = sent {
             self.shared.lock().remove(&id);
+            // A request too large for one message is the caller's; any other failure to send
+            // on the pair means init closed its end.
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                let message = format!(
+                    "{}: argument list too long (the command and its environment may take {} KiB)",
+                    spec.argv.first().map_or("", String::as_str),
+                    MAX_MESSAGE_BYTES >> 10
+                );
+                return Err(NativeError::Spawn { errno: libc::E2BIG, message });
+            }
             return Err(NativeError::SandboxEnded);
         }
         let pid = match started_rx.await {

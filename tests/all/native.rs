@@ -385,3 +385,18 @@ async fn a_failing_isolation_step_refuses_the_sandbox() {
     let refused = native.tier().start_sandbox(missing, 256 << 20).await.expect_err("refused");
     assert!(refused.to_string().contains("/nonexistent/soulbox/workspace"), "{refused}");
 }
+
+#[tokio::test]
+async fn command_size_obeyed_and_violated() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let fits = "x".repeat(30_000);
+    let output = run(&dispatcher, &sandbox, command(&["printf", "%s", &fits])).await;
+    assert_eq!(output.stdout.len(), 30_000, "{:?}", output.termination);
+    let too_long = "x".repeat(100_000);
+    let output = run(&dispatcher, &sandbox, command(&["printf", "%s", &too_long])).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 126 }), "{output:?}");
+    assert!(output.stderr.contains("argument list too long"), "{output:?}");
+    let after = run(&dispatcher, &sandbox, shell("echo alive")).await;
+    assert_eq!(after.stdout, "alive\n", "a refused command leaves the sandbox as it was");
+    dispatcher.close(&sandbox).await;
+}

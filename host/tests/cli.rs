@@ -244,3 +244,32 @@ fn free_bytes(path: &std::path::Path) -> u64 {
     let out = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().expect("df");
     text(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("a number")
 }
+
+#[test]
+fn nothing_of_the_servers_environment_reaches_a_native_sandbox() {
+    let data = installed();
+    if soulbox_tests::native_backend().is_none() {
+        return;
+    }
+    let canary = "soulbox-canary-5f1e2d";
+    let out = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["run", "--lang", "bash", "-e", "ASKED=yes", "-c", "env"])
+        .env("SOULBOX_TEST_SECRET", canary)
+        .output()
+        .expect("soulbox runs");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains(canary), "the canary leaked: {stdout}");
+    assert!(stdout.contains("ASKED=yes\n"), "{stdout}");
+    let names: Vec<&str> =
+        stdout.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+    for name in &names {
+        assert!(
+            ["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR", "ASKED", "PWD", "SHLVL", "_"]
+                .contains(name),
+            "unexpected variable {name}: {stdout}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::protocol::{BpfInstruction, Rlimit, RlimitResource, SetupPlan};
 use crate::sys::mounts;
@@ -137,6 +138,14 @@ pub(crate) struct HostRootfs {
     layers: Vec<(PathBuf, String)>,
     /// Links at the top of the sandbox's root.
     symlinks: Vec<(String, String)>,
+    /// This tier's copy of `/etc`, removed with it.
+    etc: PathBuf,
+}
+
+impl Drop for HostRootfs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.etc);
+    }
 }
 
 /// The limits that are rlimits (the cgroup is the real limit; these are a backstop).
@@ -156,13 +165,16 @@ pub(crate) struct TmpfsSizes {
 
 impl HostRootfs {
     /// Builds the sandbox's `/etc` under `state_dir` and finds the host's top-level layout.
-    /// Each server process has its own copy (`etc-<pid>`: servers sharing a data directory
-    /// never change one another's), and removes the copies of servers that are gone.
+    /// Each tier has its own copy (`etc-<pid>-<n>`: servers sharing a data directory never
+    /// change one another's), and removes the copies of servers that are gone.
     pub(crate) fn prepare(state_dir: &Path) -> Result<Self, RootfsError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         remove_stale_etc(state_dir);
-        let etc = state_dir.join(format!("etc-{}", std::process::id()));
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let etc = state_dir.join(format!("etc-{}-{n}", std::process::id()));
         build_etc(&etc, Path::new("/etc"))?;
-        let mut layers = vec![(PathBuf::from("/usr"), "/usr".to_owned()), (etc, "/etc".to_owned())];
+        let mut layers =
+            vec![(PathBuf::from("/usr"), "/usr".to_owned()), (etc.clone(), "/etc".to_owned())];
         let mut symlinks = Vec::new();
         for name in ROOT_ENTRIES {
             let host = Path::new("/").join(name);
@@ -176,7 +188,7 @@ impl HostRootfs {
                 _ => {}
             }
         }
-        Ok(Self { layers, symlinks })
+        Ok(Self { layers, symlinks, etc })
     }
 
     /// Detached, read-only mounts of the template's layers, and where each goes.
@@ -241,12 +253,13 @@ fn detached(path: &Path, attributes: u64, idmap: Option<&OwnedFd>) -> Result<Own
     Ok(tree)
 }
 
-/// Removes `etc-<pid>` copies whose process is gone.
+/// Removes `etc-<pid>-<n>` copies whose process is gone.
 fn remove_stale_etc(state_dir: &Path) {
     let Ok(entries) = fs::read_dir(state_dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("etc-").and_then(|rest| rest.split('.').next()) else {
+        let Some(pid) = name.strip_prefix("etc-").and_then(|rest| rest.split(['-', '.']).next())
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {

@@ -18,6 +18,8 @@ pub struct App {
     /// need root).
     #[cfg(feature = "native")]
     workspace_limits: Option<Arc<WorkspaceLimits>>,
+    #[cfg(feature = "native")]
+    native: Option<Arc<soulbox_native::NativeBackend>>,
     #[cfg(feature = "wasm")]
     wasm: Arc<soulbox_wasm::WasmBackend>,
 }
@@ -62,13 +64,17 @@ impl App {
         #[cfg(feature = "native")]
         let mut workspace_limits = None;
         #[cfg(feature = "native")]
+        let mut native = None;
+        #[cfg(feature = "native")]
         let dispatcher = {
             let config = soulbox_native::NativeConfig::new(data_dir.join("native"));
             match soulbox_native::NativeTier::new(config) {
                 Ok(tier) => {
                     tiers.push(TierStatus { tier: Tier::Native, available: true, reason: None });
                     workspace_limits = Some(Arc::default());
-                    dispatcher.with_backend(Arc::new(soulbox_native::NativeBackend::new(tier)))
+                    let backend = Arc::new(soulbox_native::NativeBackend::new(tier));
+                    native = Some(backend.clone());
+                    dispatcher.with_backend(backend)
                 }
                 Err(error) => {
                     let reason = error.to_string();
@@ -93,9 +99,20 @@ impl App {
             tiers,
             #[cfg(feature = "native")]
             workspace_limits,
+            #[cfg(feature = "native")]
+            native,
             #[cfg(feature = "wasm")]
             wasm,
         })
+    }
+
+    /// Starts preparing what the tiers keep ready (the native tier's pool of prepared
+    /// sandboxes), for a long-running server; a one-shot command does not need it.
+    pub fn warm(&self) {
+        #[cfg(feature = "native")]
+        if let Some(native) = &self.native {
+            native.tier().warm();
+        }
     }
 
     /// The tiers, available or not (with the reason).

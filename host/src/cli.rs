@@ -432,6 +432,7 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    app.warm();
     for status in app.tiers() {
         match &status.reason {
             None => tracing::info!(tier = %status.tier, "tier available"),

@@ -370,6 +370,12 @@ impl NativeTier {
         started
     }
 
+    /// Fills the pool in the background (a server calls it once it is up, so that its first
+    /// sandboxes are hand-overs too). Must be called within a tokio runtime.
+    pub fn warm(self: &Arc<Self>) {
+        self.refill();
+    }
+
     /// How many prepared sandboxes wait in the pool.
     pub fn pooled(&self) -> usize {
         self.lock_pool().len()

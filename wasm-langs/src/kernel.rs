@@ -105,6 +105,24 @@ pub(crate) fn wasi_context(
     Ok(builder.build_p1())
 }
 
+/// The store of a language driver's guest: the driver's arguments and environment, its
+/// preopens (the pack's libraries, `scratch` as `/` where it has one, `workspace` as
+/// `/home/user`), output into `output`, memory capped at `memory_limit_bytes`. The one way a
+/// kernel, a snapshot and the no-image benchmark set up their guest.
+pub(crate) fn driver_store(
+    engine: &wasmtime::Engine,
+    driver: Driver,
+    pack_dir: &Path,
+    scratch: &Path,
+    workspace: &Path,
+    output: &CellOutput,
+    memory_limit_bytes: u64,
+) -> Result<Store<KernelState>, WasmError> {
+    let preopens = driver.preopens(pack_dir, scratch, workspace);
+    let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, output)?;
+    Ok(new_store(engine, wasi, memory_limit_bytes))
+}
+
 /// A store configured for a guest: limiter installed, epoch deadline yielding every tick.
 pub(crate) fn new_store(
     engine: &wasmtime::Engine,
@@ -177,9 +195,16 @@ impl Kernel {
             if driver.has_scratch() { Some(ScratchDir::create(driver, scratch)?) } else { None };
         let output = CellOutput::default();
         let scratch_path = scratch.as_ref().map_or(Path::new(""), |s| s.path.as_path());
-        let preopens = driver.preopens(pack_dir, scratch_path, workspace);
-        let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
-        let mut store = new_store(pre.module().engine(), wasi, limits.memory_bytes);
+        let engine = pre.module().engine();
+        let mut store = driver_store(
+            engine,
+            driver,
+            pack_dir,
+            scratch_path,
+            workspace,
+            &output,
+            limits.memory_bytes,
+        )?;
         let instance = match pre.instantiate_async(&mut store).await {
             Ok(instance) => instance,
             Err(error) => {
@@ -300,9 +325,8 @@ pub(crate) async fn run_without_image(
     let (sink, _events) = EventSink::channel();
     let limits = Limits::default();
     output.begin(&sink, &limits);
-    let preopens = driver.preopens(pack_dir, &scratch, &workspace);
-    let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
-    let mut store = new_store(engine, wasi, limits.memory_bytes);
+    let mut store =
+        driver_store(engine, driver, pack_dir, &scratch, &workspace, &output, limits.memory_bytes)?;
     let failed = |e: wasmtime::Error| WasmError::Sandbox(format!("{e:#}"));
     let instance = linker.instantiate_async(&mut store, module).await.map_err(failed)?;
     driver.initialize(&mut store, &instance).await.map_err(failed)?;

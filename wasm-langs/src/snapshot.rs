@@ -14,7 +14,7 @@ use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use crate::WasmError;
 use crate::engine::WasmEngine;
-use crate::kernel::{KernelState, new_store, wasi_context};
+use crate::kernel::{KernelState, driver_store};
 use crate::lang::Driver;
 use crate::output::CellOutput;
 
@@ -76,9 +76,15 @@ pub(crate) async fn preinitialise(
         &sink,
         &Limits { stdout_bytes: 1 << 16, stderr_bytes: 1 << 16, ..Limits::default() },
     );
-    let preopens = driver.preopens(pack_dir, &scratch, &workspace);
-    let wasi = wasi_context(driver.argv(), driver.base_env(), Vec::new(), &preopens, &output)?;
-    let mut store = new_store(engine.engine(), wasi, MAX_MEMORY_BYTES);
+    let mut store = driver_store(
+        engine.engine(),
+        driver,
+        pack_dir,
+        &scratch,
+        &workspace,
+        &output,
+        MAX_MEMORY_BYTES,
+    )?;
     let linker = crate::pack::linker(engine, driver, &module).map_err(|e| failed("linking", e))?;
     let instance = linker
         .instantiate_async(&mut store, &module)

@@ -95,7 +95,17 @@ impl SandboxCgroup {
         } else {
             &["memory", "pids", "cpu", "cpuacct", "freezer"]
         };
-        let controllers = controllers.iter().map(|c| (*c).to_owned()).collect();
+        let controllers: Vec<String> = controllers.iter().map(|c| (*c).to_owned()).collect();
+        // Never join a group that exists: it would be another sandbox's.
+        if Cgroup::load_with_specified_controllers(hierarchies::auto(), &path, controllers.clone())
+            .exists()
+        {
+            return Err(CgroupError::Operation {
+                path,
+                operation: "create",
+                message: "it already exists".to_owned(),
+            });
+        }
         let cgroup =
             Cgroup::new_with_specified_controllers(hierarchies::auto(), &path, Some(controllers))
                 .map_err(|e| operation_error(&path, "create", &e))?;

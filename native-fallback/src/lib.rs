@@ -297,8 +297,10 @@ pub struct NativeTier {
     seccomp: Vec<Vec<BpfInstruction>>,
     pool: Mutex<VecDeque<PreparedSandbox>>,
     refilling: AtomicBool,
-    next_cgroup: AtomicU64,
 }
+
+/// Numbers the control groups of this process (`soulbox/<pid>-<n>`), across all its tiers.
+static NEXT_CGROUP: AtomicU64 = AtomicU64::new(0);
 
 impl NativeTier {
     /// Prepares the tier. Fails with [`NativeError::Unavailable`] when this host cannot run
@@ -337,7 +339,6 @@ impl NativeTier {
             config,
             pool: Mutex::default(),
             refilling: AtomicBool::new(false),
-            next_cgroup: AtomicU64::new(0),
         })
     }
 
@@ -391,7 +392,7 @@ impl NativeTier {
             max_processes: self.config.max_processes,
             cpu_quota_us: self.config.cpu_quota_us,
         };
-        let n = self.next_cgroup.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{n}", std::process::id());
         PreparedSandbox::prepare(self, &name, limits).await
     }

@@ -400,3 +400,40 @@ async fn command_size_obeyed_and_violated() {
     assert_eq!(after.stdout, "alive\n", "a refused command leaves the sandbox as it was");
     dispatcher.close(&sandbox).await;
 }
+
+/// CPU seconds a busy loop gets in `wall` seconds, measured by Python from `os.times()`.
+const CPU_PROBE: &str = "import os, time, sys\nwall = float(sys.argv[1])\nend = time.monotonic() + wall\nwhile time.monotonic() < end:\n    pass\nt = os.times()\nprint(round(t.user + t.system, 3))";
+
+#[tokio::test]
+async fn cpu_quota_obeyed_and_violated() {
+    if native_backend().is_none() {
+        return;
+    }
+    // Natively, the loop gets (nearly) a whole CPU.
+    let native = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", CPU_PROBE, "1"])
+        .output()
+        .expect("python3 runs");
+    let native_cpu: f64 = String::from_utf8_lossy(&native.stdout).trim().parse().expect("seconds");
+    // A tier whose sandboxes get a fifth of a CPU.
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = soulbox_native::NativeConfig {
+        cpu_quota_us: 20_000,
+        pool_size: 0,
+        ..soulbox_native::NativeConfig::new(state.path())
+    };
+    let tier = soulbox_native::NativeTier::new(config).expect("a tier");
+    let backend = std::sync::Arc::new(soulbox_native::NativeBackend::new(tier));
+    let (dispatcher, sandbox, _dir) = soulbox_tests::sandbox().await;
+    let dispatcher = dispatcher.with_backend(backend);
+    let output = run(&dispatcher, &sandbox, command(&["python3", "-c", CPU_PROBE, "1"])).await;
+    assert_eq!(output.termination, Some(Termination::Exited { code: 0 }), "{output:?}");
+    let sandboxed_cpu: f64 = output.stdout.trim().parse().expect("seconds");
+    assert!(native_cpu > 0.5, "natively the loop got {native_cpu} s of CPU in 1 s");
+    assert!(sandboxed_cpu < 0.35, "under a 20% quota the loop got {sandboxed_cpu} s in 1 s");
+    // Within the quota, work is not slowed: many processes run side by side.
+    let many = shell("for i in $(seq 50); do sleep 0.2 & done; wait; echo all done");
+    let output = run(&dispatcher, &sandbox, many).await;
+    assert_eq!(output.stdout, "all done\n", "{output:?}");
+    dispatcher.close(&sandbox).await;
+}

@@ -94,7 +94,6 @@
 mod backend;
 mod cgroup;
 mod control;
-#[allow(dead_code, reason = "the protocol is shared with init, which uses other parts")]
 mod protocol;
 mod rootfs;
 mod sandbox;

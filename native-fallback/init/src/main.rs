@@ -8,7 +8,6 @@
 //! every process of the sandbox with it.
 
 #[path = "../../src/protocol.rs"]
-#[allow(dead_code, reason = "the protocol is shared with the host, which uses other parts")]
 mod protocol;
 #[path = "../../src/sys/init.rs"]
 #[allow(unsafe_code, reason = "the kernel calls without a safe wrapper, each block justified")]

@@ -16,6 +16,8 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sched::{CloneFlags, clone};
 use nix::unistd::{Pid, pipe2};
 
+use crate::protocol::INIT_CONTROL_FD;
+
 /// The stack of a cloned child; it runs a few system calls only.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
@@ -218,7 +220,9 @@ extern "C" fn init_child(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
             fail();
         }
-        for (from, to) in [(args.null, 0), (args.null, 1), (args.null, 2), (args.control, 3)] {
+        for (from, to) in
+            [(args.null, 0), (args.null, 1), (args.null, 2), (args.control, INIT_CONTROL_FD)]
+        {
             if libc::dup2(from, to) < 0 {
                 fail();
             }

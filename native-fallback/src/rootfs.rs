@@ -188,6 +188,8 @@ impl HostRootfs {
                 _ => {}
             }
         }
+        // Programs that keep temporary files in /var/tmp find the private /tmp there.
+        symlinks.push(("/var/tmp".to_owned(), "/tmp".to_owned()));
         Ok(Self { layers, symlinks, etc })
     }
 

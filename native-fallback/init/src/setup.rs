@@ -115,7 +115,11 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
             fs::create_dir_all(in_root(dir))?;
         }
         for (path, target) in &plan.symlinks {
-            symlink(target, in_root(path))?;
+            let link = in_root(path);
+            if let Some(parent) = link.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            symlink(target, link)?;
         }
         Ok(())
     })?;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cgroups_rs::cpu::CpuController;
+use cgroups_rs::freezer::{FreezerController, FreezerState};
 use cgroups_rs::hierarchies;
 use cgroups_rs::memory::MemController;
 use cgroups_rs::pid::PidController;
@@ -19,6 +20,11 @@ const PARENT: &str = "soulbox";
 
 /// How often removing a group is retried while its last processes finish dying.
 const REMOVE_ATTEMPTS: u32 = 50;
+
+/// How long a freeze or thaw may take to complete: polls of the group's state, and their
+/// interval.
+const FREEZE_POLLS: u32 = 500;
+const FREEZE_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// The period of the CPU quota.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -90,12 +96,7 @@ impl SandboxCgroup {
     pub(crate) fn create(name: &str, limits: CgroupLimits) -> Result<Self, CgroupError> {
         let path = format!("{PARENT}/{name}");
         let v2 = hierarchies::is_cgroup2_unified_mode();
-        let controllers: &[&str] = if v2 {
-            &["memory", "pids", "cpu"]
-        } else {
-            &["memory", "pids", "cpu", "cpuacct", "freezer"]
-        };
-        let controllers: Vec<String> = controllers.iter().map(|c| (*c).to_owned()).collect();
+        let controllers = controllers(v2);
         // Never join a group that exists: it would be another sandbox's.
         if Cgroup::load_with_specified_controllers(hierarchies::auto(), &path, controllers.clone())
             .exists()
@@ -142,6 +143,17 @@ impl SandboxCgroup {
         })
     }
 
+    /// Another handle on the same group (for work off the async workers); removing the group
+    /// stays the original's job.
+    pub(crate) fn handle(&self) -> Self {
+        let cgroup = Cgroup::load_with_specified_controllers(
+            hierarchies::auto(),
+            &self.path,
+            controllers(self.v2),
+        );
+        Self { cgroup, path: self.path.clone(), v2: self.v2 }
+    }
+
     /// Sets the memory limit of the whole group, swap forbidden.
     pub(crate) fn set_memory_limit(&self, bytes: u64) -> Result<(), CgroupError> {
         let memory: &MemController = self.controller("memory")?;
@@ -177,6 +189,50 @@ impl SandboxCgroup {
             set_memory()?;
             set_memsw()
         }
+    }
+
+    /// Freezes (`true`) or thaws (`false`) every process of the group, and waits until the
+    /// kernel reports the group frozen or thawed.
+    pub(crate) fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let operation = if frozen { "freeze" } else { "thaw" };
+        let error = |message: String| CgroupError::Operation {
+            path: self.path.clone(),
+            operation,
+            message,
+        };
+        if self.v2 {
+            // The unified hierarchy freezes through the group's own `cgroup.freeze`.
+            let dir = self.memory_path().ok_or_else(|| error("no group directory".to_owned()))?;
+            fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+                .map_err(|e| error(e.to_string()))?;
+            let wanted = if frozen { "frozen 1" } else { "frozen 0" };
+            return self
+                .wait_until(|| {
+                    fs::read_to_string(dir.join("cgroup.events"))
+                        .is_ok_and(|events| events.lines().any(|l| l == wanted))
+                })
+                .map_err(|()| error("the kernel did not report the change in time".to_owned()));
+        }
+        let freezer: &FreezerController = self.controller("freezer")?;
+        let result = if frozen { freezer.freeze() } else { freezer.thaw() };
+        result.map_err(|e| operation_error(&self.path, operation, &e))?;
+        let reached = |state: FreezerState| match state {
+            FreezerState::Frozen => frozen,
+            FreezerState::Thawed => !frozen,
+            FreezerState::Freezing => false,
+        };
+        self.wait_until(|| freezer.state().is_ok_and(reached))
+            .map_err(|()| error("the kernel did not report the change in time".to_owned()))
+    }
+
+    fn wait_until(&self, mut done: impl FnMut() -> bool) -> Result<(), ()> {
+        for _ in 0..FREEZE_POLLS {
+            if done() {
+                return Ok(());
+            }
+            std::thread::sleep(FREEZE_POLL_INTERVAL);
+        }
+        Err(())
     }
 
     /// Moves a process (all its threads) into the group.
@@ -237,6 +293,17 @@ impl SandboxCgroup {
         let message = last_error.map_or_else(|| "still exists".to_owned(), |e| e.to_string());
         Err(CgroupError::Operation { path: self.path, operation: "remove", message })
     }
+}
+
+/// The controllers a sandbox's group uses (v2 freezes through `cgroup.freeze`, without a
+/// controller).
+fn controllers(v2: bool) -> Vec<String> {
+    let names: &[&str] = if v2 {
+        &["memory", "pids", "cpu"]
+    } else {
+        &["memory", "pids", "cpu", "cpuacct", "freezer"]
+    };
+    names.iter().map(|c| (*c).to_owned()).collect()
 }
 
 fn operation_error(

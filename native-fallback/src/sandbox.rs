@@ -256,6 +256,31 @@ impl NativeSandbox {
         }
     }
 
+    /// Pauses the sandbox: every process of it (init included) stops where it is and uses no
+    /// CPU until [`NativeSandbox::resume`]. Nothing can be started in it meanwhile.
+    pub async fn pause(&self) -> Result<(), NativeError> {
+        self.set_frozen(true).await
+    }
+
+    /// Resumes a paused sandbox: its processes continue where they stopped.
+    pub async fn resume(&self) -> Result<(), NativeError> {
+        self.set_frozen(false).await
+    }
+
+    async fn set_frozen(&self, frozen: bool) -> Result<(), NativeError> {
+        // The freeze completes asynchronously in the kernel; waiting for it polls, so it runs
+        // off the async workers. The group is reached through a clone of its handle.
+        let path = self
+            .lock_cgroup()
+            .as_ref()
+            .map(SandboxCgroup::handle)
+            .ok_or(NativeError::SandboxEnded)?;
+        tokio::task::spawn_blocking(move || path.set_frozen(frozen))
+            .await
+            .map_err(|e| NativeError::Teardown(e.to_string()))?
+            .map_err(NativeError::from)
+    }
+
     /// How many of the sandbox's processes the OOM killer has killed.
     pub fn oom_kills(&self) -> u64 {
         self.lock_cgroup().as_ref().map_or(0, SandboxCgroup::oom_kills)
@@ -274,13 +299,11 @@ impl NativeSandbox {
     /// it) and removes its control group.
     pub async fn destroy(self) -> Result<(), NativeError> {
         self.reader.abort();
-        kill_and_reap(self.init).await;
-        let cgroup = self.lock_cgroup().take();
-        if let Some(cgroup) = cgroup {
-            tokio::task::spawn_blocking(move || cgroup.remove())
-                .await
-                .map_err(|e| NativeError::Teardown(e.to_string()))??;
-        }
+        let Some(cgroup) = self.lock_cgroup().take() else { return Ok(()) };
+        let init = self.init;
+        tokio::task::spawn_blocking(move || teardown(init, cgroup))
+            .await
+            .map_err(|e| NativeError::Teardown(e.to_string()))??;
         Ok(())
     }
 }
@@ -289,12 +312,19 @@ impl Drop for NativeSandbox {
     fn drop(&mut self) {
         let Some(cgroup) = self.lock_cgroup().take() else { return };
         self.reader.abort();
-        let _ = kill(self.init, Signal::SIGKILL);
-        let _ = waitpid(self.init, None);
-        if let Err(e) = cgroup.remove() {
+        if let Err(e) = teardown(self.init, cgroup) {
             tracing::warn!(error = %e, "removing a sandbox's control group");
         }
     }
+}
+
+/// Kills init (and with it its pid namespace), thaws the group in case the sandbox was paused
+/// (a frozen process cannot die), reaps init and removes the group.
+fn teardown(init: Pid, cgroup: SandboxCgroup) -> Result<(), crate::CgroupError> {
+    let _ = kill(init, Signal::SIGKILL);
+    let _ = cgroup.set_frozen(false);
+    let _ = waitpid(init, None);
+    cgroup.remove()
 }
 
 /// The host's handle on a process of a sandbox, for [`NativeSandbox::signal`].

@@ -437,3 +437,32 @@ async fn cpu_quota_obeyed_and_violated() {
     assert_eq!(output.stdout, "all done\n", "{output:?}");
     dispatcher.close(&sandbox).await;
 }
+
+#[tokio::test]
+async fn a_paused_sandbox_stops_and_resumes_where_it_was() {
+    let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
+    let native = native_backend().expect("the native tier is available");
+    let ticker =
+        "(while true; do echo tick >> /home/user/ticks; sleep 0.01; done) > /dev/null 2>&1 &";
+    run(&dispatcher, &sandbox, shell(ticker)).await;
+    let ticks = sandbox.workspace().join("ticks");
+    let count = || std::fs::read_to_string(&ticks).map_or(0, |t| t.lines().count());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(count() > 3, "the ticker runs");
+    let handle = native.sandbox(&sandbox, &Limits::default()).await.expect("the live sandbox");
+    handle.pause().await.expect("paused");
+    let frozen_at = count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(), frozen_at, "nothing runs while paused");
+    handle.resume().await.expect("resumed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(count() > frozen_at + 3, "the same ticker continues after resume");
+    // A paused sandbox can be closed: its frozen processes are thawed to die.
+    handle.pause().await.expect("paused again");
+    let cgroup = handle.cgroup_memory_path().expect("a cgroup");
+    drop(handle);
+    let began = Instant::now();
+    dispatcher.close(&sandbox).await;
+    assert!(began.elapsed() < Duration::from_secs(2), "{:?}", began.elapsed());
+    assert!(!cgroup.exists(), "{} survived", cgroup.display());
+}

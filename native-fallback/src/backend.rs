@@ -209,6 +209,12 @@ impl NativeBackend {
         Ok(Arc::clone(native))
     }
 
+    /// The native sandbox of `sandbox` if one runs.
+    fn live(&self, sandbox: &SandboxId) -> Option<Arc<NativeSandbox>> {
+        let sandboxes = self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        sandboxes.get(sandbox).and_then(|slot| slot.get().cloned())
+    }
+
     fn forget(&self, sandbox: &SandboxId) -> Option<SandboxSlot> {
         self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner).remove(sandbox)
     }
@@ -531,6 +537,22 @@ impl Backend for NativeBackend {
                 Err(BackendError { tier: Tier::Native, message: e.to_string() })
             }
         }
+    }
+
+    async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
+        let Some(native) = self.live(sandbox) else { return Ok(()) };
+        native
+            .pause()
+            .await
+            .map_err(|e| BackendError { tier: Tier::Native, message: e.to_string() })
+    }
+
+    async fn resume(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
+        let Some(native) = self.live(sandbox) else { return Ok(()) };
+        native
+            .resume()
+            .await
+            .map_err(|e| BackendError { tier: Tier::Native, message: e.to_string() })
     }
 
     async fn close(&self, sandbox: &SandboxId) {

@@ -76,4 +76,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Releases everything this backend holds for the sandbox (kernels, processes).
     async fn close(&self, sandbox: &SandboxId);
+
+    /// Stops every use of CPU by the sandbox until [`Backend::resume`], keeping its state
+    /// (memory, processes). The default does nothing: a backend whose idle state uses no CPU
+    /// (an idle WASM kernel) has nothing to stop.
+    async fn pause(&self, _sandbox: &SandboxId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Continues a paused sandbox where it stopped.
+    async fn resume(&self, _sandbox: &SandboxId) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

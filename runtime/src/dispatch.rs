@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, LanguageStatus, LanguageSupport};
+use crate::backend::{Backend, BackendError, LanguageStatus, LanguageSupport};
 use crate::exec::{
     CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
     Termination, Tier, TierPreference, Timings,
@@ -262,6 +262,22 @@ impl Dispatcher {
         for backend in &self.backends {
             backend.close(sandbox.id()).await;
         }
+    }
+
+    /// Pauses the sandbox in every tier ([`Backend::pause`]).
+    pub async fn pause(&self, sandbox: &Sandbox) -> Result<(), BackendError> {
+        for backend in &self.backends {
+            backend.pause(sandbox.id()).await?;
+        }
+        Ok(())
+    }
+
+    /// Resumes the sandbox in every tier ([`Backend::resume`]).
+    pub async fn resume(&self, sandbox: &Sandbox) -> Result<(), BackendError> {
+        for backend in &self.backends {
+            backend.resume(sandbox.id()).await?;
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The SoulBox runtime: the vocabulary shared by every part of SoulBox, the [`Backend`] trait
-//! that both tiers implement, and the [`Dispatcher`], the single entry point of every
-//! execution.
+//! that both tiers implement, the [`Dispatcher`], the single entry point of every execution,
+//! and the [`SandboxManager`], which keeps long-lived sandboxes in the [`Store`] (sled).
 //!
 //! This crate knows nothing of wasmtime, HTTP or libc. An embedder depends on it plus the tiers
 //! it wants (`soulbox-wasm`, `soulbox-native`).
@@ -18,7 +18,9 @@ mod backend;
 mod dispatch;
 mod exec;
 mod limits;
+mod manager;
 mod sandbox;
+mod store;
 
 pub use backend::{Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport};
 pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution};
@@ -31,4 +33,10 @@ pub use limits::{
     LimitsError, MAX_CODE_BYTES, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_WALL_TIMEOUT,
     MIN_MEMORY_BYTES, OutputStream,
 };
+pub use manager::{
+    CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
+    MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,
+    OnTimeout, SandboxManager, SandboxPage, SandboxRecord, SandboxState,
+};
 pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
+pub use store::{Store, StoreError};

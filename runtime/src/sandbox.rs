@@ -92,6 +92,20 @@ impl Sandbox {
         Ok(Self { id, spec, workspace, state_dir })
     }
 
+    /// The sandbox `id` whose directories already exist under `root` (after a restart).
+    pub fn open(root: &Path, id: SandboxId, spec: SandboxSpec) -> Result<Self, SandboxDirError> {
+        let base = root.join(id.as_str());
+        let workspace = base.join("workspace");
+        let state_dir = base.join("state");
+        for dir in [&workspace, &state_dir] {
+            if !dir.is_dir() {
+                let source = std::io::Error::new(std::io::ErrorKind::NotFound, "missing");
+                return Err(SandboxDirError { path: dir.clone(), source });
+            }
+        }
+        Ok(Self { id, spec, workspace, state_dir })
+    }
+
     /// The sandbox's id.
     pub fn id(&self) -> &SandboxId {
         &self.id

@@ -7,6 +7,7 @@ mod escape;
 mod http;
 mod isolation;
 mod limits;
+mod manager;
 mod native;
 mod native_escape;
 mod packs;

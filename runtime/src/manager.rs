@@ -1,0 +1,455 @@
+//! The sandbox manager: sandboxes that outlive one execution, with a deadline, metadata and a
+//! state, kept in the [`Store`] so that a restart of the server loses none of them.
+//!
+//! The restart rule: every sandbox recorded comes back with its files; one that was running
+//! comes back **paused** (its processes and kernels did not survive the server), and resumes
+//! on its next `resume` or `connect`, as a paused sandbox does. A sandbox past its deadline is
+//! killed, or paused when it was created with [`OnTimeout::Pause`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::Dispatcher;
+use crate::exec::TierPreference;
+use crate::limits::{Limits, LimitsError};
+use crate::sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
+use crate::store::{Store, StoreError};
+
+/// A sandbox's lifetime when the request gives none (E2B's default).
+pub const DEFAULT_SANDBOX_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest lifetime a sandbox may be given at once.
+pub const MAX_SANDBOX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+/// The most metadata entries a sandbox may carry.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// The longest metadata key or environment variable name, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+/// The longest metadata value or environment variable value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 4096;
+/// The most environment variables a sandbox may carry.
+pub const MAX_ENV_ENTRIES: usize = 256;
+/// The largest page [`SandboxManager::list`] returns.
+pub const MAX_LIST_PAGE: usize = 1000;
+
+/// The store's tree of sandbox records.
+const SANDBOXES: &str = "sandboxes";
+
+/// Whether a sandbox runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// It takes executions.
+    Running,
+    /// Its processes are stopped (or gone, after a restart); its files are kept.
+    Paused,
+}
+
+/// What happens at a sandbox's deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// It is killed and its files removed.
+    #[default]
+    Kill,
+    /// It is paused, keeping its files.
+    Pause,
+}
+
+/// What a sandbox is, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Its id.
+    pub id: SandboxId,
+    /// The template it was made from.
+    pub template: String,
+    /// The caller's labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Environment variables of every execution.
+    pub env: BTreeMap<String, String>,
+    /// Default limits of its executions.
+    pub limits: Limits,
+    /// Which tier its executions prefer.
+    pub tier: TierPreference,
+    /// When it was created, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Its deadline, in milliseconds since the Unix epoch.
+    pub end_at_ms: u64,
+    /// Whether it runs.
+    pub state: SandboxState,
+    /// What happens at the deadline.
+    pub on_timeout: OnTimeout,
+}
+
+/// How to make a sandbox. The defaults are closed: no environment, default limits, five
+/// minutes, killed at the deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateSandbox {
+    /// The template.
+    pub template: String,
+    /// Its lifetime, at most [`MAX_SANDBOX_TIMEOUT`].
+    pub timeout: Duration,
+    /// Labels, at most [`MAX_METADATA_ENTRIES`].
+    pub metadata: BTreeMap<String, String>,
+    /// Environment variables of every execution, at most [`MAX_ENV_ENTRIES`].
+    pub env: BTreeMap<String, String>,
+    /// Default limits of its executions.
+    pub limits: Limits,
+    /// Which tier its executions prefer.
+    pub tier: TierPreference,
+    /// What happens at the deadline.
+    pub on_timeout: OnTimeout,
+}
+
+impl CreateSandbox {
+    /// A sandbox of `template` with the defaults.
+    pub fn new(template: impl Into<String>) -> Self {
+        Self {
+            template: template.into(),
+            timeout: DEFAULT_SANDBOX_TIMEOUT,
+            metadata: BTreeMap::new(),
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            tier: TierPreference::Auto,
+            on_timeout: OnTimeout::Kill,
+        }
+    }
+}
+
+/// Which sandboxes [`SandboxManager::list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only those carrying every one of these labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Only those in one of these states (all when empty).
+    pub states: Vec<SandboxState>,
+    /// At most this many (at most [`MAX_LIST_PAGE`]; that many when absent).
+    pub limit: Option<usize>,
+    /// Continue after the page that returned this token.
+    pub next_token: Option<String>,
+}
+
+/// A page of sandboxes, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPage {
+    /// The sandboxes.
+    pub sandboxes: Vec<SandboxRecord>,
+    /// The token of the next page; `None` on the last one.
+    pub next_token: Option<String>,
+}
+
+/// A request the manager refuses, or a failure of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// No such sandbox (or it was killed).
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    /// The sandbox is paused; resume it first.
+    #[error("sandbox {0} is paused")]
+    Paused(SandboxId),
+    /// The sandbox is already running.
+    #[error("sandbox {0} is already running")]
+    AlreadyRunning(SandboxId),
+    /// A field of the request is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// A limit is out of range.
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sandbox's directories could not be made or found.
+    #[error(transparent)]
+    Files(#[from] SandboxDirError),
+    /// A tier failed to pause or resume the sandbox.
+    #[error("{0}")]
+    Tier(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: SandboxRecord,
+    sandbox: Arc<Sandbox>,
+}
+
+/// The sandboxes of a server. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct SandboxManager {
+    root: PathBuf,
+    store: Store,
+    dispatcher: Dispatcher,
+    sandboxes: Mutex<HashMap<SandboxId, Entry>>,
+}
+
+fn now_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn deadline_ms(timeout: Duration) -> u64 {
+    now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn check_timeout(timeout: Duration) -> Result<(), ManagerError> {
+    if timeout > MAX_SANDBOX_TIMEOUT {
+        let max = MAX_SANDBOX_TIMEOUT.as_secs();
+        return Err(ManagerError::Invalid(format!(
+            "timeout {} s is longer than the maximum of {max} s",
+            timeout.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+fn check_pairs(
+    what: &str,
+    pairs: &BTreeMap<String, String>,
+    max_entries: usize,
+) -> Result<(), ManagerError> {
+    if pairs.len() > max_entries {
+        return Err(ManagerError::Invalid(format!(
+            "{} {what} entries, more than the maximum of {max_entries}",
+            pairs.len()
+        )));
+    }
+    for (key, value) in pairs {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES || value.len() > MAX_VALUE_BYTES {
+            return Err(ManagerError::Invalid(format!(
+                "{what} `{}`: keys take 1 to {MAX_KEY_BYTES} bytes and values at most \
+                 {MAX_VALUE_BYTES}",
+                key.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl SandboxManager {
+    /// Opens the manager whose sandboxes live under `root` (`root/store` for the records,
+    /// `root/sandboxes/<id>` for their files), restoring every recorded sandbox by the restart
+    /// rule of the module docs.
+    pub fn open(root: &Path, dispatcher: Dispatcher) -> Result<Self, ManagerError> {
+        let store = Store::open(&root.join("store"))?;
+        let manager =
+            Self { root: root.join("sandboxes"), store, dispatcher, sandboxes: Mutex::default() };
+        for mut record in manager.store.all::<SandboxRecord>(SANDBOXES)? {
+            let spec = spec_of(&record);
+            let sandbox = match Sandbox::open(&manager.root, record.id.clone(), spec) {
+                Ok(sandbox) => sandbox,
+                Err(e) => {
+                    tracing::error!(sandbox = %record.id, error = %e, "a recorded sandbox has lost its files; keeping its record");
+                    continue;
+                }
+            };
+            if record.state == SandboxState::Running {
+                record.state = SandboxState::Paused;
+                manager.store.put(SANDBOXES, record.id.as_str(), &record)?;
+            }
+            let entry = Entry { record, sandbox: Arc::new(sandbox) };
+            manager.lock().insert(entry.record.id.clone(), entry);
+        }
+        Ok(manager)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SandboxId, Entry>> {
+        self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn find(&self, id: &str) -> Result<SandboxId, ManagerError> {
+        SandboxId::parse(id)
+            .filter(|id| self.lock().contains_key(id))
+            .ok_or_else(|| ManagerError::NotFound(id.to_owned()))
+    }
+
+    /// The dispatcher executions of these sandboxes go through.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Creates a running sandbox.
+    pub fn create(&self, request: CreateSandbox) -> Result<SandboxRecord, ManagerError> {
+        check_timeout(request.timeout)?;
+        request.limits.validate()?;
+        check_pairs("metadata", &request.metadata, MAX_METADATA_ENTRIES)?;
+        check_pairs("environment", &request.env, MAX_ENV_ENTRIES)?;
+        let spec =
+            SandboxSpec { env: request.env.clone(), limits: request.limits, tier: request.tier };
+        let sandbox = Sandbox::create(&self.root, spec)?;
+        let record = SandboxRecord {
+            id: sandbox.id().clone(),
+            template: request.template,
+            metadata: request.metadata,
+            env: request.env,
+            limits: request.limits,
+            tier: request.tier,
+            started_at_ms: now_ms(),
+            end_at_ms: deadline_ms(request.timeout),
+            state: SandboxState::Running,
+            on_timeout: request.on_timeout,
+        };
+        if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
+            let _ = sandbox.remove_files();
+            return Err(e.into());
+        }
+        let entry = Entry { record: record.clone(), sandbox: Arc::new(sandbox) };
+        self.lock().insert(record.id.clone(), entry);
+        Ok(record)
+    }
+
+    /// A sandbox's record.
+    pub fn get(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
+        let id = self.find(id)?;
+        self.lock().get(&id).map(|e| e.record.clone()).ok_or(ManagerError::NotFound(id.to_string()))
+    }
+
+    /// A running sandbox, for an execution.
+    pub fn running(&self, id: &str) -> Result<Arc<Sandbox>, ManagerError> {
+        let id = self.find(id)?;
+        let sandboxes = self.lock();
+        let entry = sandboxes.get(&id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        match entry.record.state {
+            SandboxState::Running => Ok(entry.sandbox.clone()),
+            SandboxState::Paused => Err(ManagerError::Paused(id)),
+        }
+    }
+
+    /// Sandboxes by filter, oldest first, a page at a time.
+    pub fn list(&self, filter: &ListFilter) -> SandboxPage {
+        let mut records: Vec<SandboxRecord> = self
+            .lock()
+            .values()
+            .map(|e| e.record.clone())
+            .filter(|r| filter.states.is_empty() || filter.states.contains(&r.state))
+            .filter(|r| filter.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+            .collect();
+        records.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
+        if let Some(token) = &filter.next_token
+            && let Some((started, id)) = token.split_once('-')
+            && let Ok(started) = started.parse::<u64>()
+        {
+            records.retain(|r| (r.started_at_ms, r.id.as_str()) > (started, id));
+        }
+        let limit = filter.limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
+        let next_token = (records.len() > limit)
+            .then(|| records.get(limit - 1).map(|r| format!("{}-{}", r.started_at_ms, r.id)))
+            .flatten();
+        records.truncate(limit);
+        SandboxPage { sandboxes: records, next_token }
+    }
+
+    fn update(
+        &self,
+        id: &SandboxId,
+        change: impl FnOnce(&mut SandboxRecord),
+    ) -> Result<SandboxRecord, ManagerError> {
+        let mut sandboxes = self.lock();
+        let entry = sandboxes.get_mut(id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        let mut record = entry.record.clone();
+        change(&mut record);
+        self.store.put(SANDBOXES, id.as_str(), &record)?;
+        entry.record = record.clone();
+        Ok(record)
+    }
+
+    /// Sets the deadline to `timeout` from now (shorter or longer).
+    pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, ManagerError> {
+        check_timeout(timeout)?;
+        let id = self.find(id)?;
+        self.update(&id, |r| r.end_at_ms = deadline_ms(timeout))
+    }
+
+    /// Kills a sandbox: every tier releases it, its files and record are removed. Whether it
+    /// existed.
+    pub async fn kill(&self, id: &str) -> Result<bool, ManagerError> {
+        let Ok(id) = self.find(id) else { return Ok(false) };
+        let Some(entry) = self.lock().remove(&id) else { return Ok(false) };
+        self.dispatcher.close(&entry.sandbox).await;
+        self.store.remove(SANDBOXES, id.as_str())?;
+        entry.sandbox.remove_files()?;
+        Ok(true)
+    }
+
+    /// Pauses a running sandbox: its native processes are frozen, its files kept.
+    pub async fn pause(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
+        let sandbox = self.running(id)?;
+        self.dispatcher.pause(&sandbox).await.map_err(|e| ManagerError::Tier(e.to_string()))?;
+        self.update(sandbox.id(), |r| r.state = SandboxState::Paused)
+    }
+
+    /// Resumes a paused sandbox with a new deadline `timeout` from now.
+    pub async fn resume(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, ManagerError> {
+        check_timeout(timeout)?;
+        let id = self.find(id)?;
+        let sandbox = {
+            let sandboxes = self.lock();
+            let entry = sandboxes.get(&id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+            if entry.record.state == SandboxState::Running {
+                return Err(ManagerError::AlreadyRunning(id));
+            }
+            entry.sandbox.clone()
+        };
+        self.dispatcher.resume(&sandbox).await.map_err(|e| ManagerError::Tier(e.to_string()))?;
+        self.update(&id, |r| {
+            r.state = SandboxState::Running;
+            r.end_at_ms = deadline_ms(timeout);
+        })
+    }
+
+    /// E2B's connect: a paused sandbox is resumed (`true`), a running one has its deadline
+    /// extended when `timeout` from now is later than it.
+    pub async fn connect(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(SandboxRecord, bool), ManagerError> {
+        check_timeout(timeout)?;
+        let record = self.get(id)?;
+        if record.state == SandboxState::Paused {
+            return Ok((self.resume(id, timeout).await?, true));
+        }
+        let wanted = deadline_ms(timeout);
+        let record = self.update(&record.id, |r| r.end_at_ms = r.end_at_ms.max(wanted))?;
+        Ok((record, false))
+    }
+
+    /// Kills or pauses every running sandbox past its deadline; returns how many.
+    pub async fn reap_expired(&self) -> usize {
+        let now = now_ms();
+        let expired: Vec<(SandboxId, OnTimeout)> = self
+            .lock()
+            .values()
+            .filter(|e| e.record.state == SandboxState::Running && e.record.end_at_ms <= now)
+            .map(|e| (e.record.id.clone(), e.record.on_timeout))
+            .collect();
+        for (id, on_timeout) in &expired {
+            let done = match on_timeout {
+                OnTimeout::Kill => self.kill(id.as_str()).await.map(drop),
+                OnTimeout::Pause => self.pause(id.as_str()).await.map(drop),
+            };
+            if let Err(e) = done {
+                tracing::warn!(sandbox = %id, error = %e, "ending an expired sandbox");
+            }
+        }
+        expired.len()
+    }
+
+    /// Runs [`SandboxManager::reap_expired`] every `interval` until the manager is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            loop {
+                ticks.tick().await;
+                let Some(manager) = manager.upgrade() else { return };
+                manager.reap_expired().await;
+            }
+        })
+    }
+}
+
+fn spec_of(record: &SandboxRecord) -> SandboxSpec {
+    SandboxSpec { env: record.env.clone(), limits: record.limits, tier: record.tier }
+}

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use serde::Serialize;
 #[cfg(feature = "native")]
 use soulbox_runtime::SandboxId;
-use soulbox_runtime::{Dispatcher, Sandbox, SandboxSpec, Tier};
+use soulbox_runtime::{Dispatcher, Sandbox, SandboxManager, SandboxSpec, Tier};
+
+/// How often expired sandboxes are looked for.
+const REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything a command or the server needs: the data directory and the dispatcher.
 #[derive(Debug, Clone)]
@@ -14,6 +17,9 @@ pub struct App {
     data_dir: PathBuf,
     dispatcher: Dispatcher,
     tiers: Vec<TierStatus>,
+    /// The long-lived sandboxes, for a server ([`App::with_manager`]); a one-shot command
+    /// has none (and does not lock the store).
+    manager: Option<Arc<SandboxManager>>,
     /// The size limits of ephemeral sandboxes' workspaces (where the native tier runs: they
     /// need root).
     #[cfg(feature = "native")]
@@ -97,6 +103,7 @@ impl App {
             data_dir: data_dir.to_owned(),
             dispatcher,
             tiers,
+            manager: None,
             #[cfg(feature = "native")]
             workspace_limits,
             #[cfg(feature = "native")]
@@ -113,6 +120,25 @@ impl App {
         if let Some(native) = &self.native {
             native.tier().warm();
         }
+    }
+
+    /// Opens the sandbox manager on the data directory (its store and its sandboxes, restored
+    /// by the restart rule of [`SandboxManager`]) and starts its deadline reaper. Must be
+    /// called within a tokio runtime.
+    pub fn with_manager(mut self) -> anyhow::Result<Self> {
+        let manager =
+            SandboxManager::open(&self.data_dir, self.dispatcher.clone()).map_err(|e| {
+                anyhow::anyhow!("opening the sandboxes of {}: {e}", self.data_dir.display())
+            })?;
+        let manager = Arc::new(manager);
+        manager.spawn_reaper(REAPER_INTERVAL);
+        self.manager = Some(manager);
+        Ok(self)
+    }
+
+    /// The sandbox manager, when this is a server.
+    pub fn manager(&self) -> Option<&Arc<SandboxManager>> {
+        self.manager.as_ref()
     }
 
     /// The tiers, available or not (with the reason).

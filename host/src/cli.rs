@@ -157,7 +157,7 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Langs(LangsCommand::Install { languages }) => install(&app, &languages).await,
         Command::Langs(LangsCommand::List { json }) => list(&app, json),
         Command::Run(args) => run(&app, args).await,
-        Command::Serve(args) => serve(app, args).await,
+        Command::Serve(args) => serve(app.with_manager()?, args).await,
     }
 }
 

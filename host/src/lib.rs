@@ -1,6 +1,7 @@
 //! The `soulbox` binary's library half: the composition root ([`app`]), the HTTP API
-//! ([`server`]) and the command-line interface ([`cli`]). `main.rs` only calls [`cli::main`].
+//! ([`server`], with E2B's control plane in [`e2b`]) and the command-line interface ([`cli`]). `main.rs` only calls [`cli::main`].
 
 pub mod app;
 pub mod cli;
+pub mod e2b;
 pub mod server;

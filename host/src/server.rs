@@ -5,6 +5,7 @@
 //! - `POST /v1/run`: `{"language", "code", "limits"?, "env"?, "stream"?}` runs a cell in a
 //!   fresh sandbox. The answer is one JSON object (the shape of `soulbox run --json`), or with
 //!   `"stream": true` a stream of JSON lines, one per event, the last of type `end`.
+//! - E2B's control plane (`/v2/sandboxes`, `/sandboxes/{id}`...), see [`crate::e2b`].
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,6 +35,7 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/run", post(run))
+        .merge(crate::e2b::routes())
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(app)
 }

@@ -1,9 +1,5 @@
 //! The HTTP API over a real socket.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 /// Starts the API on an ephemeral local port; returns its base URL.
@@ -21,16 +17,7 @@ async fn axum_serve(listener: tokio::net::TcpListener, app: soulbox_host::app::A
 }
 
 async fn request(method: &str, url: &str, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .expect("request");
-    let response = client.request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    let (status, _, body) = soulbox_tests::http_request(method, url, body).await;
     (status, body)
 }
 

@@ -3,6 +3,7 @@
 //! `soulbox_tests::wasm_backend`); the first run on a machine takes a few minutes for that.
 
 mod cells;
+mod e2b_control;
 mod escape;
 mod http;
 mod isolation;

@@ -98,3 +98,26 @@ pub fn command(argv: &[&str]) -> ExecRequest {
 pub fn shell(script: &str) -> ExecRequest {
     command(&["bash", "-c", script])
 }
+
+/// One HTTP request over a real socket; its status, headers and body.
+pub async fn http_request(
+    method: &str,
+    url: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, hyper::HeaderMap, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    let response = client.request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    (status, headers, body)
+}

@@ -1,0 +1,324 @@
+//! E2B's control plane, as the official SDKs speak it (`shared/reference/e2b/protocol.md`,
+//! section 2): create, list, info, kill, timeout, pause, resume and connect, with E2B's JSON
+//! shapes (camelCase, RFC 3339 times), its exact success codes (the SDK parses a body only for
+//! the documented one) and its error shape `{"code", "message"}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use soulbox_runtime::{
+    CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, ManagerError, OnTimeout, SandboxManager,
+    SandboxRecord, SandboxState, TierPreference,
+};
+
+use crate::app::App;
+
+/// The envd version reported to the SDKs: a modern one, so that they use every feature
+/// (older versions make them refuse calls or kill the sandbox).
+pub const ENVD_VERSION: &str = "0.6.13";
+
+/// The templates a sandbox can be made from, and the tier their executions prefer.
+const TEMPLATES: [(&str, TierPreference); 5] = [
+    ("base", TierPreference::Auto),
+    ("code-interpreter-v1", TierPreference::Auto),
+    ("python", TierPreference::Auto),
+    ("javascript", TierPreference::Auto),
+    ("ruby", TierPreference::Auto),
+];
+
+/// The routes of the control plane.
+pub(crate) fn routes() -> Router<App> {
+    Router::new()
+        .route("/v2/sandboxes", post(create).get(list))
+        .route("/sandboxes", post(create).get(list))
+        .route("/sandboxes/{id}", get(info).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+}
+
+/// An error in E2B's shape.
+#[derive(Debug)]
+pub(crate) struct E2bError {
+    status: StatusCode,
+    message: String,
+}
+
+impl E2bError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.status.as_u16(), "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ManagerError> for E2bError {
+    fn from(error: ManagerError) -> Self {
+        let status = match &error {
+            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::Paused(_) | ManagerError::AlreadyRunning(_) => StatusCode::CONFLICT,
+            ManagerError::Invalid(_) | ManagerError::Limits(_) => StatusCode::BAD_REQUEST,
+            ManagerError::Store(_) | ManagerError::Files(_) | ManagerError::Tier(_) => {
+                tracing::error!(%error, "control plane");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
+    app.manager().ok_or_else(|| {
+        E2bError::new(StatusCode::SERVICE_UNAVAILABLE, "this server keeps no sandboxes")
+    })
+}
+
+/// Parses a JSON body; an empty body is `{}`.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, E2bError> {
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn rfc3339(ms: u64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// `NewSandbox` (v1) and `NewSandboxV2`; fields the SDK may send that SoulBox does not use
+/// yet (network, mcp, volumes) are ignored, as the SDK ignores unknown answers.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    env_vars: BTreeMap<String, String>,
+    #[serde(default)]
+    auto_pause: bool,
+}
+
+/// The fields every sandbox answer starts with.
+#[derive(Debug, Serialize)]
+struct SandboxIdentity {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    #[serde(rename = "envdVersion")]
+    envd_version: &'static str,
+    alias: String,
+}
+
+impl From<&SandboxRecord> for SandboxIdentity {
+    fn from(record: &SandboxRecord) -> Self {
+        Self {
+            template_id: record.template.clone(),
+            sandbox_id: record.id.to_string(),
+            client_id: "soulbox",
+            envd_version: ENVD_VERSION,
+            alias: record.template.clone(),
+        }
+    }
+}
+
+/// The `Sandbox` answer of create, resume and connect.
+#[derive(Debug, Serialize)]
+struct SandboxCreated {
+    #[serde(flatten)]
+    identity: SandboxIdentity,
+    domain: Option<String>,
+}
+
+impl From<&SandboxRecord> for SandboxCreated {
+    fn from(record: &SandboxRecord) -> Self {
+        Self { identity: record.into(), domain: None }
+    }
+}
+
+/// `ListedSandbox` and `SandboxDetail`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxInfo {
+    #[serde(flatten)]
+    identity: SandboxIdentity,
+    started_at: String,
+    end_at: String,
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    state: &'static str,
+    metadata: BTreeMap<String, String>,
+    lifecycle: serde_json::Value,
+}
+
+impl From<&SandboxRecord> for SandboxInfo {
+    fn from(record: &SandboxRecord) -> Self {
+        Self {
+            identity: record.into(),
+            started_at: rfc3339(record.started_at_ms),
+            end_at: rfc3339(record.end_at_ms),
+            cpu_count: 1,
+            memory_mb: record.limits.memory_bytes >> 20,
+            disk_size_mb: 0,
+            state: match record.state {
+                SandboxState::Running => "running",
+                SandboxState::Paused => "paused",
+            },
+            metadata: record.metadata.clone(),
+            lifecycle: json!({
+                "autoResume": false,
+                "onTimeout": match record.on_timeout {
+                    OnTimeout::Kill => "kill",
+                    OnTimeout::Pause => "pause",
+                },
+            }),
+        }
+    }
+}
+
+async fn create(State(app): State<App>, bytes: Bytes) -> Result<Response, E2bError> {
+    let manager = manager(&app)?;
+    let request: NewSandbox = body(&bytes)?;
+    let Some((_, tier)) = TEMPLATES.iter().find(|(name, _)| *name == request.template_id) else {
+        let known = TEMPLATES.map(|(name, _)| name).join(", ");
+        let message = format!("template '{}' not found (templates: {known})", request.template_id);
+        return Err(E2bError::new(StatusCode::NOT_FOUND, message));
+    };
+    let mut create = CreateSandbox::new(request.template_id.clone());
+    create.timeout = request.timeout.map_or(DEFAULT_SANDBOX_TIMEOUT, Duration::from_secs);
+    create.metadata = request.metadata;
+    create.env = request.env_vars;
+    create.tier = *tier;
+    create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
+    let record = manager.create(create)?;
+    Ok(sandbox_answer(StatusCode::CREATED, &record))
+}
+
+async fn list(
+    State(app): State<App>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, E2bError> {
+    let manager = manager(&app)?;
+    let bad = |what: &str| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid `{what}`"));
+    let mut filter = ListFilter::default();
+    if let Some(metadata) = query.get("metadata") {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(metadata).map_err(|_| bad("metadata"))?;
+        filter.metadata = pairs.into_iter().collect();
+    }
+    if let Some(states) = query.get("state") {
+        for state in states.split(',').filter(|s| !s.is_empty()) {
+            filter.states.push(match state {
+                "running" => SandboxState::Running,
+                "paused" => SandboxState::Paused,
+                _ => return Err(bad("state")),
+            });
+        }
+    }
+    if let Some(limit) = query.get("limit") {
+        filter.limit = Some(limit.parse().map_err(|_| bad("limit"))?);
+    }
+    filter.next_token = query.get("nextToken").cloned();
+    let page = manager.list(&filter);
+    let infos: Vec<SandboxInfo> = page.sandboxes.iter().map(SandboxInfo::from).collect();
+    let mut response = Json(infos).into_response();
+    // The SDK keeps asking while the header is present and not empty: only a page with more
+    // after it carries it.
+    if let Some(token) = page.next_token
+        && let Ok(value) = HeaderValue::from_str(&token)
+    {
+        response.headers_mut().insert("x-next-token", value);
+    }
+    Ok(response)
+}
+
+async fn info(State(app): State<App>, Path(id): Path<String>) -> Result<Response, E2bError> {
+    let record = manager(&app)?.get(&id)?;
+    Ok(Json(SandboxInfo::from(&record)).into_response())
+}
+
+async fn kill(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+    if manager(&app)?.kill(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(E2bError::new(StatusCode::NOT_FOUND, format!("sandbox {id} not found")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TimeoutBody {
+    timeout: Option<u64>,
+}
+
+async fn set_timeout(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<StatusCode, E2bError> {
+    let request: TimeoutBody = body(&bytes)?;
+    let timeout = request
+        .timeout
+        .ok_or_else(|| E2bError::new(StatusCode::BAD_REQUEST, "`timeout` (seconds) is required"))?;
+    manager(&app)?.set_timeout(&id, Duration::from_secs(timeout))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+    manager(&app)?.pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The `timeout` of a resume or connect body, or the default lifetime.
+fn timeout_or_default(bytes: &Bytes) -> Result<Duration, E2bError> {
+    let request: TimeoutBody = body(bytes)?;
+    Ok(request.timeout.map_or(DEFAULT_SANDBOX_TIMEOUT, Duration::from_secs))
+}
+
+/// The `Sandbox` answer with its status.
+fn sandbox_answer(status: StatusCode, record: &SandboxRecord) -> Response {
+    (status, Json(SandboxCreated::from(record))).into_response()
+}
+
+async fn resume(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, E2bError> {
+    let record = manager(&app)?.resume(&id, timeout_or_default(&bytes)?).await?;
+    Ok(sandbox_answer(StatusCode::CREATED, &record))
+}
+
+async fn connect(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, E2bError> {
+    let (record, resumed) = manager(&app)?.connect(&id, timeout_or_default(&bytes)?).await?;
+    let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(sandbox_answer(status, &record))
+}

@@ -2,18 +2,7 @@
 //! official SDKs expect (`shared/reference/e2b/protocol.md`, section 2).
 
 use serde_json::{Value, json};
-use soulbox_tests::http_request;
-
-/// A server with its own data directory (its own store) on an ephemeral port.
-async fn serve() -> (String, tempfile::TempDir) {
-    let data = tempfile::tempdir().expect("tempdir");
-    let app =
-        soulbox_host::app::App::open(data.path()).expect("app").with_manager().expect("manager");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move { soulbox_host::server::serve(listener, app).await });
-    (format!("http://{address}"), data)
-}
+use soulbox_tests::{http_request, serve_with_manager as serve};
 
 async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value, hyper::HeaderMap) {
     let body = body.map(|b| serde_json::to_vec(&b).expect("json"));

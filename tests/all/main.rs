@@ -4,6 +4,7 @@
 
 mod cells;
 mod e2b_control;
+mod e2b_sdk;
 mod escape;
 mod http;
 mod isolation;

@@ -121,3 +121,15 @@ pub async fn http_request(
     let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
     (status, headers, body)
 }
+
+/// `soulbox serve` with its sandbox manager, in this process, on an ephemeral local port, with
+/// a data directory (and so a store) of its own; its base URL.
+pub async fn serve_with_manager() -> (String, tempfile::TempDir) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let app =
+        soulbox_host::app::App::open(data.path()).expect("app").with_manager().expect("manager");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { soulbox_host::server::serve(listener, app).await });
+    (format!("http://{address}"), data)
+}

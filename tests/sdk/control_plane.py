@@ -1,0 +1,44 @@
+"""The official E2B SDK against `soulbox serve`: the control plane (create, info, list with a
+metadata filter, set_timeout, pause, connect, kill). Run by tests/all/e2b_sdk.rs with
+E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the server."""
+
+import asyncio
+
+from e2b import AsyncSandbox, Sandbox, SandboxQuery
+
+
+def sync_sdk():
+    sandbox = Sandbox.create(timeout=120, metadata={"suite": "sdk-sync"})
+    info = sandbox.get_info()
+    assert info.state == "running", info
+    assert info.metadata == {"suite": "sdk-sync"}, info
+    assert 119 <= (info.end_at - info.started_at).total_seconds() <= 121, info
+
+    listed = Sandbox.list(query=SandboxQuery(metadata={"suite": "sdk-sync"})).next_items()
+    assert [s.sandbox_id for s in listed] == [sandbox.sandbox_id], listed
+    assert Sandbox.list(query=SandboxQuery(metadata={"suite": "none"})).next_items() == []
+
+    sandbox.set_timeout(600)
+    assert sandbox.pause() is True
+    assert Sandbox.get_info(sandbox.sandbox_id).state == "paused"
+    again = Sandbox.connect(sandbox.sandbox_id)
+    assert again.sandbox_id == sandbox.sandbox_id
+    assert again.get_info().state == "running"
+
+    assert sandbox.kill() is True
+    assert Sandbox.kill(sandbox.sandbox_id) is False
+
+
+async def async_sdk():
+    sandbox = await AsyncSandbox.create(timeout=60, metadata={"suite": "sdk-async"})
+    info = await sandbox.get_info()
+    assert info.state == "running", info
+    paginator = AsyncSandbox.list(query=SandboxQuery(metadata={"suite": "sdk-async"}))
+    listed = await paginator.next_items()
+    assert [s.sandbox_id for s in listed] == [sandbox.sandbox_id], listed
+    assert await sandbox.kill() is True
+
+
+sync_sdk()
+asyncio.run(async_sdk())
+print("ok")

@@ -489,6 +489,11 @@ impl Run<'_> {
     }
 }
 
+/// A failure of the tier, as the dispatcher reports it.
+fn backend_error(e: NativeError) -> BackendError {
+    BackendError { tier: Tier::Native, message: e.to_string() }
+}
+
 fn program_installed(program: &str) -> bool {
     PROGRAM_DIRS.iter().any(|dir| {
         let path = Path::new(dir).join(program);
@@ -534,25 +539,19 @@ impl Backend for NativeBackend {
                     // fresh one on the same workspace.
                     self.forget(sandbox.id());
                 }
-                Err(BackendError { tier: Tier::Native, message: e.to_string() })
+                Err(backend_error(e))
             }
         }
     }
 
     async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
         let Some(native) = self.live(sandbox) else { return Ok(()) };
-        native
-            .pause()
-            .await
-            .map_err(|e| BackendError { tier: Tier::Native, message: e.to_string() })
+        native.pause().await.map_err(backend_error)
     }
 
     async fn resume(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
         let Some(native) = self.live(sandbox) else { return Ok(()) };
-        native
-            .resume()
-            .await
-            .map_err(|e| BackendError { tier: Tier::Native, message: e.to_string() })
+        native.resume().await.map_err(backend_error)
     }
 
     async fn close(&self, sandbox: &SandboxId) {

@@ -468,6 +468,7 @@ fn workspace_idmap() -> Result<OwnedFd, NativeError> {
     result
 }
 
-fn io_errno(e: &std::io::Error) -> nix::Error {
+/// The errno of an I/O error (EIO when it has none).
+pub(crate) fn io_errno(e: &std::io::Error) -> nix::Error {
     e.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
 }

@@ -21,7 +21,7 @@ use crate::control::ControlSocket;
 use crate::protocol::{ExitStatus, HostMessage, InitMessage, MAX_MESSAGE_BYTES, SpawnRequest};
 use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID_BASE};
 use crate::sys::spawn::{InitFds, clone_init};
-use crate::{NativeError, SetupStep};
+use crate::{NativeError, SetupStep, io_errno};
 
 /// How long init may take to run the isolation sequence.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,10 +100,11 @@ impl PreparedSandbox {
         let init = match launch_init(tier, init_end, &cgroup) {
             Ok(init) => init,
             Err((init, e)) => {
-                if let Some(init) = init {
-                    kill_and_reap(init).await;
-                }
-                let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+                let _ = tokio::task::spawn_blocking(move || match init {
+                    Some(init) => teardown(init, cgroup),
+                    None => cgroup.remove(),
+                })
+                .await;
                 return Err(e);
             }
         };
@@ -159,9 +160,7 @@ impl PreparedSandbox {
 impl Drop for PreparedSandbox {
     fn drop(&mut self) {
         let Some(cgroup) = self.cgroup.take() else { return };
-        let _ = kill(self.init, Signal::SIGKILL);
-        let _ = waitpid(self.init, None);
-        if let Err(e) = cgroup.remove() {
+        if let Err(e) = teardown(self.init, cgroup) {
             tracing::warn!(error = %e, "removing a prepared sandbox's control group");
         }
     }
@@ -429,11 +428,6 @@ fn launch_init(
     Ok(init)
 }
 
-async fn kill_and_reap(init: Pid) {
-    let _ = kill(init, Signal::SIGKILL);
-    let _ = tokio::task::spawn_blocking(move || waitpid(init, None)).await;
-}
-
 fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
     let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
@@ -447,8 +441,4 @@ fn sender(fd: OwnedFd) -> nix::Result<pipe::Sender> {
 fn receiver(fd: OwnedFd) -> nix::Result<pipe::Receiver> {
     set_nonblocking(fd.as_fd())?;
     pipe::Receiver::from_owned_fd(fd).map_err(|e| io_errno(&e))
-}
-
-fn io_errno(e: &std::io::Error) -> nix::Error {
-    e.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
 }

@@ -122,6 +122,21 @@ fn skip_native_half(test: &str, why: &str) {
     eprintln!("SKIPPED (native half of {test}): {why}; the sandbox half still runs");
 }
 
+/// Natively, no call of the probe was refused by a filter: each reached the kernel.
+fn assert_reached_the_kernel(native: &Answers) {
+    for (key, value) in native {
+        assert_ne!(value, "EPERM", "{key} natively: {native:?}");
+    }
+}
+
+/// In the sandbox, all `count` calls of the probe were refused with EPERM.
+fn assert_all_refused(inside: &Answers, count: usize) {
+    assert_eq!(inside.len(), count, "{inside:?}");
+    for (key, value) in inside {
+        assert_eq!(value, "EPERM", "{key} in the sandbox: {inside:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Syscalls the seccomp filter denies.
 
@@ -222,10 +237,7 @@ say('unshare_user', sc(272, 0x10000000))
     assert_eq!(native.len(), 7, "{native:?}");
 
     let inside = sandbox_probe(&dispatcher, &sandbox, PROBE, &[]).await;
-    assert_eq!(inside.len(), 7, "{inside:?}");
-    for (key, value) in &inside {
-        assert_eq!(value, "EPERM", "{key} in the sandbox: {inside:?}");
-    }
+    assert_all_refused(&inside, 7);
     // The command-line tool fails the same way.
     let output = sandbox_output(&dispatcher, &sandbox, command(&["unshare", "-r", "id"])).await;
     assert_ne!(output.exit_code, Some(0), "{output:?}");
@@ -245,9 +257,7 @@ say('delete_module', sc(176, b'soulbox_no_such_module', 0))
 "#;
     let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
     let native = host_probe(&[], PROBE, &[]);
-    for (key, value) in &native {
-        assert_ne!(value, "EPERM", "{key} natively: {native:?}");
-    }
+    assert_reached_the_kernel(&native);
     if native.values().all(|v| v == "ENOSYS") {
         skip_native_half(
             "escape_load_kernel_module",
@@ -255,10 +265,7 @@ say('delete_module', sc(176, b'soulbox_no_such_module', 0))
         );
     }
     let inside = sandbox_probe(&dispatcher, &sandbox, PROBE, &[]).await;
-    assert_eq!(inside.len(), 3, "{inside:?}");
-    for (key, value) in &inside {
-        assert_eq!(value, "EPERM", "{key} in the sandbox: {inside:?}");
-    }
+    assert_all_refused(&inside, 3);
     dispatcher.close(&sandbox).await;
 }
 
@@ -272,9 +279,7 @@ say('kexec_file_load', sc(320, -1, -1, 0, None, 0))
 "#;
     let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
     let native = host_probe(&[], PROBE, &[]);
-    for (key, value) in &native {
-        assert_ne!(value, "EPERM", "{key} natively: {native:?}");
-    }
+    assert_reached_the_kernel(&native);
     if native.values().all(|v| v == "ENOSYS") {
         skip_native_half(
             "escape_kexec_load",
@@ -282,10 +287,7 @@ say('kexec_file_load', sc(320, -1, -1, 0, None, 0))
         );
     }
     let inside = sandbox_probe(&dispatcher, &sandbox, PROBE, &[]).await;
-    assert_eq!(inside.len(), 2, "{inside:?}");
-    for (key, value) in &inside {
-        assert_eq!(value, "EPERM", "{key} in the sandbox: {inside:?}");
-    }
+    assert_all_refused(&inside, 2);
     dispatcher.close(&sandbox).await;
 }
 
@@ -300,14 +302,9 @@ say('perf_event_open', sc(298, None, 0, -1, -1, 0))
     let Some((dispatcher, sandbox, _dir)) = native_sandbox().await else { return };
     let native = host_probe(&[], PROBE, &[]);
     assert_eq!(answer(&native, "bpf_unknown"), "EINVAL", "{native:?}");
-    for (key, value) in &native {
-        assert_ne!(value, "EPERM", "{key} natively: {native:?}");
-    }
+    assert_reached_the_kernel(&native);
     let inside = sandbox_probe(&dispatcher, &sandbox, PROBE, &[]).await;
-    assert_eq!(inside.len(), 3, "{inside:?}");
-    for (key, value) in &inside {
-        assert_eq!(value, "EPERM", "{key} in the sandbox: {inside:?}");
-    }
+    assert_all_refused(&inside, 3);
     dispatcher.close(&sandbox).await;
 }
 
@@ -434,10 +431,7 @@ for i, directory in enumerate(ARGS):
 
     let directories = ["/tmp", "/home/user", "/dev/shm"];
     let inside = sandbox_probe(&dispatcher, &sandbox, PROBE, &directories).await;
-    assert_eq!(inside.len(), 6, "{inside:?}");
-    for (key, value) in &inside {
-        assert_eq!(value, "EPERM", "{key}: {inside:?}");
-    }
+    assert_all_refused(&inside, 6);
     dispatcher.close(&sandbox).await;
 }
 

@@ -370,10 +370,11 @@ async fn init_passes_the_signals_it_receives_to_the_sandbox() {
     dispatcher.close(&sandbox).await;
 }
 
-/// Waits up to 5 s for a file to appear.
+/// Waits up to 5 s for a file to appear with something in it (a shell creates the file of a
+/// redirection before it writes).
 async fn wait_for(path: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !path.exists() && Instant::now() < deadline {
+    while std::fs::metadata(path).map_or(true, |m| m.len() == 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

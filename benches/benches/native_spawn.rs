@@ -235,6 +235,7 @@ async fn run_true(sandbox: &NativeSandbox) {
         argv: vec!["/bin/true".to_owned()],
         env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
         cwd: "/home/user".to_owned(),
+        user: soulbox_runtime::SandboxUser::User,
     };
     let mut process = sandbox.spawn(spec).await.expect("spawn /bin/true in the sandbox");
     drop(process.stdin.take());

@@ -20,6 +20,9 @@ pub struct App {
     /// The long-lived sandboxes, for a server ([`App::with_manager`]); a one-shot command
     /// has none (and does not lock the store).
     manager: Option<Arc<SandboxManager>>,
+    /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
+    watchers: Arc<crate::envd::Watchers>,
+    contexts: Arc<crate::interpreter::Contexts>,
     /// The size limits of ephemeral sandboxes' workspaces (where the native tier runs: they
     /// need root).
     #[cfg(feature = "native")]
@@ -104,6 +107,8 @@ impl App {
             dispatcher,
             tiers,
             manager: None,
+            watchers: Arc::default(),
+            contexts: Arc::default(),
             #[cfg(feature = "native")]
             workspace_limits,
             #[cfg(feature = "native")]
@@ -122,14 +127,12 @@ impl App {
         }
     }
 
-    /// Opens the sandbox manager on the data directory (its store and its sandboxes, restored
-    /// by the restart rule of [`SandboxManager`]) and starts its deadline reaper. Must be
-    /// called within a tokio runtime.
-    pub fn with_manager(mut self) -> anyhow::Result<Self> {
-        let manager =
-            SandboxManager::open(&self.data_dir, self.dispatcher.clone()).map_err(|e| {
-                anyhow::anyhow!("opening the sandboxes of {}: {e}", self.data_dir.display())
-            })?;
+    /// Opens the sandbox manager on `root` (its store and its sandboxes, restored by the
+    /// restart rule of [`SandboxManager`]; `soulbox serve` uses the data directory) and starts
+    /// its deadline reaper. Must be called within a tokio runtime.
+    pub fn with_manager(mut self, root: &Path) -> anyhow::Result<Self> {
+        let manager = SandboxManager::open(root, self.dispatcher.clone())
+            .map_err(|e| anyhow::anyhow!("opening the sandboxes of {}: {e}", root.display()))?;
         let manager = Arc::new(manager);
         manager.spawn_reaper(REAPER_INTERVAL);
         self.manager = Some(manager);
@@ -139,6 +142,16 @@ impl App {
     /// The sandbox manager, when this is a server.
     pub fn manager(&self) -> Option<&Arc<SandboxManager>> {
         self.manager.as_ref()
+    }
+
+    /// The polled directory watchers of the data plane.
+    pub(crate) fn watchers(&self) -> &crate::envd::Watchers {
+        &self.watchers
+    }
+
+    /// The cell contexts of the code interpreter.
+    pub(crate) fn contexts(&self) -> &crate::interpreter::Contexts {
+        &self.contexts
     }
 
     /// The tiers, available or not (with the reason).

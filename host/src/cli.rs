@@ -157,7 +157,10 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Langs(LangsCommand::Install { languages }) => install(&app, &languages).await,
         Command::Langs(LangsCommand::List { json }) => list(&app, json),
         Command::Run(args) => run(&app, args).await,
-        Command::Serve(args) => serve(app.with_manager()?, args).await,
+        Command::Serve(args) => {
+            let data_dir = app.data_dir().to_owned();
+            serve(app.with_manager(&data_dir)?, args).await
+        }
     }
 }
 
@@ -330,6 +333,7 @@ async fn run(app: &App, args: RunArgs) -> anyhow::Result<ExitCode> {
             TierArg::Wasm => TierPreference::Wasm,
             TierArg::Native => TierPreference::Native,
         },
+        context: None,
     };
     let sandbox = app.ephemeral_sandbox(SandboxSpec::default())?;
     let execution = match app.dispatcher().start(sandbox.clone(), request) {

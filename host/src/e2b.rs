@@ -146,15 +146,21 @@ impl From<&SandboxRecord> for SandboxIdentity {
 
 /// The `Sandbox` answer of create, resume and connect.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct SandboxCreated {
     #[serde(flatten)]
     identity: SandboxIdentity,
+    envd_access_token: String,
     domain: Option<String>,
 }
 
 impl From<&SandboxRecord> for SandboxCreated {
     fn from(record: &SandboxRecord) -> Self {
-        Self { identity: record.into(), domain: None }
+        Self {
+            identity: record.into(),
+            envd_access_token: record.access_token.clone(),
+            domain: None,
+        }
     }
 }
 
@@ -174,6 +180,8 @@ struct SandboxInfo {
     state: &'static str,
     metadata: BTreeMap<String, String>,
     lifecycle: serde_json::Value,
+    envd_access_token: String,
+    domain: Option<String>,
 }
 
 impl From<&SandboxRecord> for SandboxInfo {
@@ -197,6 +205,8 @@ impl From<&SandboxRecord> for SandboxInfo {
                     OnTimeout::Pause => "pause",
                 },
             }),
+            envd_access_token: record.access_token.clone(),
+            domain: None,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   fresh sandbox. The answer is one JSON object (the shape of `soulbox run --json`), or with
 //!   `"stream": true` a stream of JSON lines, one per event, the last of type `end`.
 //! - E2B's control plane (`/v2/sandboxes`, `/sandboxes/{id}`...), see [`crate::e2b`].
+//! - A sandbox's data plane (envd and the code interpreter), for requests that name a
+//!   sandbox (`E2b-Sandbox-Id`, or a `{port}-{id}.{domain}` host), see `crate::envd`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -32,12 +34,15 @@ pub const MAX_REQUEST_BODY_BYTES: usize = 4 * MAX_CODE_BYTES;
 
 /// The router of the API.
 pub fn router(app: App) -> Router {
+    let data_plane = crate::envd::DataPlane::new(app.clone());
     Router::new()
         .route("/health", get(health))
         .route("/v1/run", post(run))
         .merge(crate::e2b::routes())
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(app)
+        // Outermost: a sandbox's traffic never reaches the control plane's routes.
+        .layer(axum::middleware::from_fn_with_state(data_plane, crate::envd::route))
 }
 
 /// An API error: a status and a stable JSON body `{"error": {"code", "message"}}`.
@@ -158,7 +163,13 @@ async fn run(
             ));
         }
     };
-    let exec = ExecRequest { kind, env: request.env, limits: request.limits, tier: request.tier };
+    let exec = ExecRequest {
+        kind,
+        env: request.env,
+        limits: request.limits,
+        tier: request.tier,
+        context: None,
+    };
     let sandbox = app.ephemeral_sandbox(SandboxSpec::default()).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string())
     })?;

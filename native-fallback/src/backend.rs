@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -14,14 +14,17 @@ use bytes::Bytes;
 use nix::sys::signal::Signal;
 use soulbox_runtime::{
     Backend, BackendError, BackendOutcome, EventSink, ExecEvent, ExecKind, ExecRequest, GuestError,
-    Language, LanguageStatus, LanguageSupport, Limits, OutputStream, Sandbox, SandboxId,
-    Termination, Tier,
+    Language, LanguageStatus, LanguageSupport, Limits, OutputStream, ProcessEnd, ProcessError,
+    ProcessRequest, ProcessSignal, ProcessSignaller, Sandbox, SandboxId, SandboxUser,
+    SpawnedProcess, Termination, Tier,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use crate::rootfs::SANDBOX_HOME;
-use crate::{ExitStatus, NativeError, NativeSandbox, NativeTier, ProcessSpec};
+use crate::rootfs::{ROOT_HOME, SANDBOX_HOME};
+use crate::{
+    ExitStatus, NativeError, NativeProcess, NativeSandbox, NativeTier, ProcessId, ProcessSpec,
+};
 
 /// How long output is still read after a command exits, for what a background process
 /// keeping its stdout open writes meanwhile.
@@ -219,23 +222,90 @@ impl NativeBackend {
         self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner).remove(sandbox)
     }
 
-    fn environment(&self, sandbox: &Sandbox, request: &ExecRequest) -> Vec<(String, String)> {
+    /// The native sandbox of `sandbox`, replaced first if its init was killed from outside
+    /// (a fresh one on the same workspace).
+    async fn live_sandbox(
+        &self,
+        sandbox: &Sandbox,
+        limits: &Limits,
+    ) -> Result<Arc<NativeSandbox>, NativeError> {
+        let native = self.sandbox(sandbox, limits).await?;
+        if native.is_alive() {
+            return Ok(native);
+        }
+        drop(native);
+        self.forget(sandbox.id());
+        self.sandbox(sandbox, limits).await
+    }
+
+    /// A process's whole environment: the basics for `user`, then the sandbox's variables,
+    /// then the request's (later ones win).
+    fn environment<'a>(
+        sandbox: &'a Sandbox,
+        user: SandboxUser,
+        extra: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Vec<(String, String)> {
+        let home = match user {
+            SandboxUser::User => SANDBOX_HOME,
+            SandboxUser::Root => ROOT_HOME,
+        };
         let mut env: Vec<(String, String)> = [
             ("PATH", SANDBOX_PATH),
-            ("HOME", SANDBOX_HOME),
-            ("USER", "user"),
-            ("LOGNAME", "user"),
+            ("HOME", home),
+            ("USER", user.name()),
+            ("LOGNAME", user.name()),
             ("LANG", "C.UTF-8"),
             ("TMPDIR", "/tmp"),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-        for (key, value) in sandbox.spec().env.iter().chain(&request.env) {
+        for (key, value) in sandbox.spec().env.iter().chain(extra) {
             env.retain(|(k, _)| k != key);
             env.push((key.clone(), value.clone()));
         }
         env
+    }
+
+    /// Starts a long-lived process for the runtime's process table.
+    async fn start_process(
+        &self,
+        sandbox: &Sandbox,
+        request: &ProcessRequest,
+    ) -> Result<SpawnedProcess, ProcessError> {
+        let failed = |e: NativeError| ProcessError::Backend(backend_error(e));
+        let native = self.live_sandbox(sandbox, &sandbox.spec().limits).await.map_err(failed)?;
+        let spec = ProcessSpec {
+            argv: request.argv.clone(),
+            env: Self::environment(sandbox, request.user, &request.env),
+            cwd: request.cwd.clone().unwrap_or_else(|| SANDBOX_HOME.to_owned()),
+            user: request.user,
+        };
+        let mut process = match native.spawn(spec).await {
+            Ok(process) => process,
+            Err(NativeError::Spawn { message, .. }) => return Err(ProcessError::Invalid(message)),
+            Err(e) => return Err(failed(e)),
+        };
+        let pid = u32::try_from(process.pid()).unwrap_or_default();
+        let stdin = process.stdin.take().filter(|_| request.stdin);
+        let signaller =
+            Arc::new(NativeSignaller { native: Arc::downgrade(&native), id: process.id() });
+        let NativeProcess { stdout, stderr, mut exit, .. } = process;
+        Ok(SpawnedProcess {
+            pid,
+            stdin: stdin
+                .map(|pipe| Box::new(pipe) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+            exit: Box::pin(async move {
+                match exit.wait().await {
+                    Ok(ExitStatus::Code(code)) => ProcessEnd::Exited(code),
+                    Ok(ExitStatus::Signal(signal)) => ProcessEnd::Signalled(signal),
+                    Err(_) => ProcessEnd::Lost,
+                }
+            }),
+            signaller,
+        })
     }
 
     async fn run(
@@ -246,21 +316,20 @@ impl NativeBackend {
     ) -> Result<BackendOutcome, NativeError> {
         let began = Instant::now();
         let deadline = tokio::time::Instant::now() + request.limits.wall_timeout;
-        let mut native = self.sandbox(sandbox, &request.limits).await?;
-        if !native.is_alive() {
-            // Its init is gone (killed from outside): start a fresh one on the same workspace.
-            drop(native);
-            self.forget(sandbox.id());
-            native = self.sandbox(sandbox, &request.limits).await?;
-        }
+        let native = self.live_sandbox(sandbox, &request.limits).await?;
         native.set_memory_limit(request.limits.memory_bytes)?;
         let startup = began.elapsed();
-        let env = self.environment(sandbox, request);
+        let env = Self::environment(sandbox, SandboxUser::User, &request.env);
         let run_began = Instant::now();
         let mut run = Run { native: &native, limits: &request.limits, deadline };
         let termination = match &request.kind {
             ExecKind::Command { argv } => {
-                let spec = ProcessSpec { argv: argv.clone(), env, cwd: SANDBOX_HOME.to_owned() };
+                let spec = ProcessSpec {
+                    argv: argv.clone(),
+                    env,
+                    cwd: SANDBOX_HOME.to_owned(),
+                    user: SandboxUser::User,
+                };
                 run.process(spec, None, &mut Output::Stream { events, sent: [0, 0] }).await?
             }
             ExecKind::Cell { language, code } => {
@@ -363,6 +432,7 @@ impl Run<'_> {
                 .to_vec(),
             env: env.clone(),
             cwd: "/".to_owned(),
+            user: SandboxUser::User,
         };
         let mut written = Output::Capture(Vec::new());
         let termination = self.process(write, Some(code.as_bytes()), &mut written).await?;
@@ -372,7 +442,12 @@ impl Run<'_> {
             return Ok(termination);
         }
         if let Some(compile) = toolchain.compile {
-            let spec = ProcessSpec { argv: expand(compile), env: env.clone(), cwd: dir.clone() };
+            let spec = ProcessSpec {
+                argv: expand(compile),
+                env: env.clone(),
+                cwd: dir.clone(),
+                user: SandboxUser::User,
+            };
             let mut compiler = Output::Capture(Vec::new());
             let termination = self.process(spec, None, &mut compiler).await?;
             if !termination.is_success() {
@@ -389,7 +464,12 @@ impl Run<'_> {
                 return Ok(termination);
             }
         }
-        let spec = ProcessSpec { argv: expand(toolchain.run), env, cwd: SANDBOX_HOME.to_owned() };
+        let spec = ProcessSpec {
+            argv: expand(toolchain.run),
+            env,
+            cwd: SANDBOX_HOME.to_owned(),
+            user: SandboxUser::User,
+        };
         self.process(spec, None, &mut Output::Stream { events, sent: [0, 0] }).await
     }
 
@@ -489,6 +569,24 @@ impl Run<'_> {
     }
 }
 
+/// Signals a long-lived process; the sandbox may have gone meanwhile.
+struct NativeSignaller {
+    native: Weak<NativeSandbox>,
+    id: ProcessId,
+}
+
+#[async_trait]
+impl ProcessSignaller for NativeSignaller {
+    async fn signal(&self, signal: ProcessSignal) -> Result<(), BackendError> {
+        let Some(native) = self.native.upgrade() else { return Ok(()) };
+        let signal = match signal {
+            ProcessSignal::Terminate => Signal::SIGTERM,
+            ProcessSignal::Kill => Signal::SIGKILL,
+        };
+        native.signal(self.id, signal).await.map_err(backend_error)
+    }
+}
+
 /// A failure of the tier, as the dispatcher reports it.
 fn backend_error(e: NativeError) -> BackendError {
     BackendError { tier: Tier::Native, message: e.to_string() }
@@ -542,6 +640,14 @@ impl Backend for NativeBackend {
                 Err(backend_error(e))
             }
         }
+    }
+
+    async fn spawn(
+        &self,
+        sandbox: &Sandbox,
+        request: &ProcessRequest,
+    ) -> Result<SpawnedProcess, ProcessError> {
+        self.start_process(sandbox, request).await
     }
 
     async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError> {

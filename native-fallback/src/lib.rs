@@ -121,7 +121,8 @@ pub use protocol::ExitStatus;
 use protocol::{BpfInstruction, SetupPlan};
 use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
 pub use rootfs::{
-    RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE,
+    ROOT_HOME, RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT, SANDBOX_UID,
+    SANDBOX_UID_BASE,
 };
 use sandbox::PreparedSandbox;
 pub use sandbox::{NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec};
@@ -454,7 +455,12 @@ fn workspace_idmap() -> Result<OwnedFd, NativeError> {
     let error = |e| NativeError::host(SetupStep::WorkspaceIdMap, e);
     let holder = sys::spawn::clone_user_namespace_holder().map_err(error)?;
     let result = (|| {
-        let map = format!("0 {} 1\n", SANDBOX_UID_BASE + SANDBOX_UID);
+        // On disk, the server's files are the sandbox user's, and the sandbox root's files
+        // carry the root's own host uid (as in a rootless container).
+        let map = format!(
+            "0 {} 1\n{SANDBOX_UID_BASE} {SANDBOX_UID_BASE} 1\n",
+            SANDBOX_UID_BASE + SANDBOX_UID
+        );
         for file in ["uid_map", "gid_map"] {
             std::fs::write(format!("/proc/{holder}/{file}"), &map)
                 .map_err(|e| error(io_errno(&e)))?;

@@ -100,10 +100,6 @@ pub enum ExitStatus {
 pub(crate) struct SetupPlan {
     /// The sandbox's host name.
     pub(crate) hostname: String,
-    /// The user that init and every process run as, inside the user namespace.
-    pub(crate) uid: u32,
-    /// Its group.
-    pub(crate) gid: u32,
     /// Where each detached mount sent with the message is attached in the new root.
     pub(crate) mounts: Vec<String>,
     /// Where the workspace sent with [`HostMessage::Enter`] is attached.
@@ -176,4 +172,8 @@ pub(crate) struct SpawnRequest {
     pub(crate) env: Vec<(String, String)>,
     /// Its working directory.
     pub(crate) cwd: String,
+    /// The user it runs as, inside the user namespace.
+    pub(crate) uid: u32,
+    /// Its group.
+    pub(crate) gid: u32,
 }

@@ -21,6 +21,9 @@ pub const SANDBOX_UID: u32 = 1000;
 /// The sandbox user's home, where the workspace is mounted.
 pub const SANDBOX_HOME: &str = "/home/user";
 
+/// The home of the sandbox's root (read-only: the root file system is).
+pub const ROOT_HOME: &str = "/root";
+
 /// The host uid that the sandbox's root maps to; the sandbox's ids 0..65536 are the host's
 /// `SANDBOX_UID_BASE`.. (root's usual subordinate range).
 pub const SANDBOX_UID_BASE: u32 = 100_000;
@@ -225,8 +228,6 @@ impl HostRootfs {
         let rlimit = |resource, limit| Rlimit { resource, limit };
         SetupPlan {
             hostname: SANDBOX_HOSTNAME.to_owned(),
-            uid: SANDBOX_UID,
-            gid: SANDBOX_UID,
             mounts,
             workspace: SANDBOX_HOME.to_owned(),
             symlinks: self.symlinks.clone(),

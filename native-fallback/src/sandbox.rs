@@ -19,9 +19,10 @@ use crate::NativeTier;
 use crate::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::control::ControlSocket;
 use crate::protocol::{ExitStatus, HostMessage, InitMessage, MAX_MESSAGE_BYTES, SpawnRequest};
-use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID_BASE};
+use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE};
 use crate::sys::spawn::{InitFds, clone_init};
 use crate::{NativeError, SetupStep, io_errno};
+use soulbox_runtime::SandboxUser;
 
 /// How long init may take to run the isolation sequence.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +36,8 @@ pub struct ProcessSpec {
     pub env: Vec<(String, String)>,
     /// Its working directory inside the sandbox.
     pub cwd: String,
+    /// Who it runs as.
+    pub user: SandboxUser,
 }
 
 /// What the host waits for, per process.
@@ -205,7 +208,18 @@ impl NativeSandbox {
         self.shared
             .lock()
             .insert(id, Waiters { started: Some(started_tx), exited: Some(exited_tx) });
-        let request = SpawnRequest { id, argv: spec.argv.clone(), env: spec.env, cwd: spec.cwd };
+        let uid = match spec.user {
+            SandboxUser::User => SANDBOX_UID,
+            SandboxUser::Root => 0,
+        };
+        let request = SpawnRequest {
+            id,
+            argv: spec.argv.clone(),
+            env: spec.env,
+            cwd: spec.cwd,
+            uid,
+            gid: uid,
+        };
         let fds = [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()];
         let sent = self.control.send(&HostMessage::Spawn(request), &fds).await;
         drop((stdin_read, stdout_write, stderr_write));

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::exec::{EventSink, ExecRequest, Language, Termination, Tier};
+use crate::process::{ProcessError, ProcessRequest, SpawnedProcess};
 use crate::sandbox::{Sandbox, SandboxId};
 
 /// Whether a backend can run a language now.
@@ -73,6 +74,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
         request: ExecRequest,
         events: &EventSink,
     ) -> Result<BackendOutcome, BackendError>;
+
+    /// Starts a long-lived process in `sandbox` (see [`crate::ProcessTable`]). Only a tier
+    /// that [runs commands](Backend::runs_commands) implements it.
+    async fn spawn(
+        &self,
+        _sandbox: &Sandbox,
+        _request: &ProcessRequest,
+    ) -> Result<SpawnedProcess, ProcessError> {
+        Err(ProcessError::Unavailable(format!("the {} tier does not run processes", self.tier())))
+    }
+
+    /// Forgets the kernels of the cells run with `context` (see [`ExecRequest::context`]), so
+    /// that the next cell in it starts from a fresh state.
+    async fn reset_context(&self, _sandbox: &SandboxId, _context: &str) {}
 
     /// Releases everything this backend holds for the sandbox (kernels, processes).
     async fn close(&self, sandbox: &SandboxId);

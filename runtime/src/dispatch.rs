@@ -18,6 +18,7 @@ use crate::exec::{
     Termination, Tier, TierPreference, Timings,
 };
 use crate::limits::{LimitsError, MAX_CODE_BYTES};
+use crate::process::{ProcessError, ProcessRequest, SpawnedProcess};
 use crate::sandbox::Sandbox;
 
 /// Why an execution was refused before it started.
@@ -255,6 +256,37 @@ impl Dispatcher {
             sink.send(event);
         });
         Ok(Execution { tier, events })
+    }
+
+    /// Starts a long-lived process in the tier that runs commands (the native tier); the rule
+    /// is the one of commands, and the sandbox's tier preference is honoured.
+    pub async fn spawn(
+        &self,
+        sandbox: &Sandbox,
+        request: &ProcessRequest,
+    ) -> Result<SpawnedProcess, ProcessError> {
+        if sandbox.spec().tier == TierPreference::Wasm {
+            return Err(ProcessError::Unavailable(
+                "this sandbox runs only in the WASM tier, which runs no processes".to_owned(),
+            ));
+        }
+        match self.backends.iter().find(|b| b.runs_commands()) {
+            Some(backend) => backend.spawn(sandbox, request).await,
+            None => Err(ProcessError::Unavailable(match self.unavailable_reason(Tier::Native) {
+                Some(why) => {
+                    format!("processes need the native tier, which is unavailable here: {why}")
+                }
+                None => "processes need the native tier, which is not available in this server"
+                    .to_owned(),
+            })),
+        }
+    }
+
+    /// Forgets the kernels of a cell context in every tier ([`Backend::reset_context`]).
+    pub async fn reset_context(&self, sandbox: &Sandbox, context: &str) {
+        for backend in &self.backends {
+            backend.reset_context(sandbox.id(), context).await;
+        }
     }
 
     /// Releases what every tier holds for the sandbox.

@@ -116,6 +116,9 @@ pub struct ExecRequest {
     pub limits: Limits,
     /// Which tier to use.
     pub tier: TierPreference,
+    /// The cell context: cells of one context share a kernel per language, apart from the
+    /// sandbox's default kernels (`None`). Commands ignore it.
+    pub context: Option<String>,
 }
 
 impl ExecRequest {
@@ -126,6 +129,7 @@ impl ExecRequest {
             env: BTreeMap::new(),
             limits: Limits::default(),
             tier: TierPreference::Auto,
+            context: None,
         }
     }
 

@@ -19,6 +19,7 @@ mod dispatch;
 mod exec;
 mod limits;
 mod manager;
+mod process;
 mod sandbox;
 mod store;
 
@@ -37,6 +38,10 @@ pub use manager::{
     CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
     MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,
     OnTimeout, SandboxManager, SandboxPage, SandboxRecord, SandboxState,
+};
+pub use process::{
+    ProcessEnd, ProcessError, ProcessEvent, ProcessFollower, ProcessInfo, ProcessRequest,
+    ProcessSignal, ProcessSignaller, ProcessTable, SandboxUser, SpawnedProcess,
 };
 pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
 pub use store::{Store, StoreError};

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::Dispatcher;
 use crate::exec::TierPreference;
 use crate::limits::{Limits, LimitsError};
+use crate::process::ProcessTable;
 use crate::sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
 use crate::store::{Store, StoreError};
 
@@ -81,6 +82,9 @@ pub struct SandboxRecord {
     pub state: SandboxState,
     /// What happens at the deadline.
     pub on_timeout: OnTimeout,
+    /// The secret a client shows to reach the sandbox's data plane (E2B's envd access token).
+    #[serde(default)]
+    pub access_token: String,
 }
 
 /// How to make a sandbox. The defaults are closed: no environment, default limits, five
@@ -173,6 +177,13 @@ pub enum ManagerError {
 struct Entry {
     record: SandboxRecord,
     sandbox: Arc<Sandbox>,
+    processes: Arc<ProcessTable>,
+}
+
+impl Entry {
+    fn new(record: SandboxRecord, sandbox: Sandbox) -> Self {
+        Self { record, sandbox: Arc::new(sandbox), processes: Arc::default() }
+    }
 }
 
 /// The sandboxes of a server. Cheap to share behind an `Arc`.
@@ -248,7 +259,7 @@ impl SandboxManager {
                 record.state = SandboxState::Paused;
                 manager.store.put(SANDBOXES, record.id.as_str(), &record)?;
             }
-            let entry = Entry { record, sandbox: Arc::new(sandbox) };
+            let entry = Entry::new(record, sandbox);
             manager.lock().insert(entry.record.id.clone(), entry);
         }
         Ok(manager)
@@ -289,13 +300,17 @@ impl SandboxManager {
             end_at_ms: deadline_ms(request.timeout),
             state: SandboxState::Running,
             on_timeout: request.on_timeout,
+            access_token: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
         };
         if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
             let _ = sandbox.remove_files();
             return Err(e.into());
         }
-        let entry = Entry { record: record.clone(), sandbox: Arc::new(sandbox) };
-        self.lock().insert(record.id.clone(), entry);
+        self.lock().insert(record.id.clone(), Entry::new(record.clone(), sandbox));
         Ok(record)
     }
 
@@ -314,6 +329,15 @@ impl SandboxManager {
             SandboxState::Running => Ok(entry.sandbox.clone()),
             SandboxState::Paused => Err(ManagerError::Paused(id)),
         }
+    }
+
+    /// A running sandbox's long-lived processes (E2B's commands), with the sandbox.
+    pub fn processes(&self, id: &str) -> Result<(Arc<Sandbox>, Arc<ProcessTable>), ManagerError> {
+        let sandbox = self.running(id)?;
+        let sandboxes = self.lock();
+        let entry =
+            sandboxes.get(sandbox.id()).ok_or_else(|| ManagerError::NotFound(id.to_owned()))?;
+        Ok((sandbox, entry.processes.clone()))
     }
 
     /// Sandboxes by filter, oldest first, a page at a time.
@@ -366,6 +390,7 @@ impl SandboxManager {
     pub async fn kill(&self, id: &str) -> Result<bool, ManagerError> {
         let Ok(id) = self.find(id) else { return Ok(false) };
         let Some(entry) = self.lock().remove(&id) else { return Ok(false) };
+        entry.processes.clear();
         self.dispatcher.close(&entry.sandbox).await;
         self.store.remove(SANDBOXES, id.as_str())?;
         entry.sandbox.remove_files()?;

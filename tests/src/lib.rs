@@ -123,11 +123,15 @@ pub async fn http_request(
 }
 
 /// `soulbox serve` with its sandbox manager, in this process, on an ephemeral local port, with
-/// a data directory (and so a store) of its own; its base URL.
+/// the shared packs and a directory of its own for its sandboxes and store; its base URL.
 pub async fn serve_with_manager() -> (String, tempfile::TempDir) {
+    // The packs come from the shared data directory; the sandboxes live in a fresh one.
+    wasm_backend().await;
     let data = tempfile::tempdir().expect("tempdir");
-    let app =
-        soulbox_host::app::App::open(data.path()).expect("app").with_manager().expect("manager");
+    let app = soulbox_host::app::App::open(&test_data_dir())
+        .expect("app")
+        .with_manager(data.path())
+        .expect("manager");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let address = listener.local_addr().expect("address");
     tokio::spawn(async move { soulbox_host::server::serve(listener, app).await });

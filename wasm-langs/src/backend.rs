@@ -21,6 +21,9 @@ use crate::pack::{self, InstallProgress, LoadedPack};
 
 type KernelSlot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
 
+/// A kernel's key: its sandbox, language and cell context (`None`: the default one).
+type KernelKey = (SandboxId, Language, Option<String>);
+
 /// The WASM tier. Build it with [`WasmBackend::builder`].
 ///
 /// Defaults are closed: a kernel sees only its sandbox's workspace (read-write, at
@@ -32,7 +35,7 @@ pub struct WasmBackend {
     engine: WasmEngine,
     data_dir: PathBuf,
     packs: RwLock<BTreeMap<Language, Arc<LoadedPack>>>,
-    kernels: Mutex<HashMap<(SandboxId, Language), KernelSlot>>,
+    kernels: Mutex<HashMap<KernelKey, KernelSlot>>,
     next_kernel: AtomicU64,
 }
 
@@ -134,9 +137,22 @@ impl WasmBackend {
         .await
     }
 
-    fn slot(&self, sandbox: &SandboxId, language: &Language) -> KernelSlot {
+    fn slot(&self, sandbox: &SandboxId, language: &Language, context: Option<&str>) -> KernelSlot {
         let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
-        kernels.entry((sandbox.clone(), language.clone())).or_default().clone()
+        let key = (sandbox.clone(), language.clone(), context.map(str::to_owned));
+        kernels.entry(key).or_default().clone()
+    }
+
+    /// Takes the kernels matching `which` out of the table and drops them.
+    async fn drop_kernels(&self, which: impl Fn(&KernelKey) -> bool) {
+        let slots: Vec<KernelSlot> = {
+            let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys: Vec<_> = kernels.keys().filter(|key| which(key)).cloned().collect();
+            keys.iter().filter_map(|key| kernels.remove(key)).collect()
+        };
+        for slot in slots {
+            slot.lock().await.take();
+        }
     }
 
     async fn run_cell(
@@ -151,7 +167,7 @@ impl WasmBackend {
             language: language.clone(),
             install_command: pack::install_command(language),
         })?;
-        let slot = self.slot(sandbox.id(), language);
+        let slot = self.slot(sandbox.id(), language, request.context.as_deref());
         let mut parked = slot.lock().await;
         let startup_began = Instant::now();
         // The kernel is taken out of its slot while it runs and put back only if it can run
@@ -237,14 +253,11 @@ impl Backend for WasmBackend {
         }
     }
 
+    async fn reset_context(&self, sandbox: &SandboxId, context: &str) {
+        self.drop_kernels(|(id, _, c)| id == sandbox && c.as_deref() == Some(context)).await;
+    }
+
     async fn close(&self, sandbox: &SandboxId) {
-        let slots: Vec<KernelSlot> = {
-            let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
-            let keys: Vec<_> = kernels.keys().filter(|(id, _)| id == sandbox).cloned().collect();
-            keys.iter().filter_map(|key| kernels.remove(key)).collect()
-        };
-        for slot in slots {
-            slot.lock().await.take();
-        }
+        self.drop_kernels(|(id, _, _)| id == sandbox).await;
     }
 }

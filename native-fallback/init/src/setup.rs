@@ -7,10 +7,10 @@ use std::ffi::CString;
 use std::fmt;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use caps::CapSet;
+use caps::{CapSet, Capability};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
@@ -110,10 +110,12 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
     step("mount the new root", || {
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), flags, Some("mode=0755,size=1m"))?;
-        let fixed = [plan.workspace.as_str(), "/tmp", "/dev", "/proc"];
+        let fixed = [plan.workspace.as_str(), "/tmp", "/dev", "/proc", "/root"];
         for dir in plan.mounts.iter().map(String::as_str).chain(fixed) {
             fs::create_dir_all(in_root(dir))?;
         }
+        // The sandbox root's home: private to it, like any /root.
+        fs::set_permissions(in_root("/root"), fs::Permissions::from_mode(0o700))?;
         for (path, target) in &plan.symlinks {
             let link = in_root(path);
             if let Some(parent) = link.parent() {
@@ -183,26 +185,50 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
     Ok(())
 }
 
-/// Runs the rest of the sequence: attaches the workspace, then drops every privilege.
+/// The capabilities of the sandbox's root (uid 0 of its user namespace, no privilege on the
+/// host): Docker's default set. Init keeps them to start processes as root or as the
+/// sandbox user; a process of the sandbox user has none (it changes uid before `exec`, and
+/// `no_new_privs` keeps it from gaining any).
+const ROOT_CAPABILITIES: [Capability; 14] = [
+    Capability::CAP_AUDIT_WRITE,
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_KILL,
+    Capability::CAP_MKNOD,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SETFCAP,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_SETUID,
+    Capability::CAP_SYS_CHROOT,
+];
+
+/// Runs the rest of the sequence: attaches the workspace, then drops every privilege but the
+/// sandbox root's.
 pub(crate) fn enter(plan: &SetupPlan, workspace: &OwnedFd) -> Result<(), SetupFailure> {
     step("attach the workspace", || {
         let target = CString::new(plan.workspace.as_bytes())
             .map_err(|_| StepError::Plan("the workspace path contains a NUL byte"))?;
         Ok(sys::move_mount(workspace.as_fd(), &target)?)
     })?;
-    step("empty the capability bounding set", || Ok(caps::clear(None, CapSet::Bounding)?))?;
-    step("become the sandbox user", || {
-        setgroups(&[])?;
-        let gid = Gid::from_raw(plan.gid);
-        let uid = Uid::from_raw(plan.uid);
-        setresgid(gid, gid, gid)?;
-        setresuid(uid, uid, uid)?;
+    step("limit the capability bounding set to the sandbox root's", || {
+        for capability in caps::all() {
+            if !ROOT_CAPABILITIES.contains(&capability) {
+                caps::drop(None, CapSet::Bounding, capability)?;
+            }
+        }
         Ok(())
     })?;
-    step("drop every capability", || {
-        for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
-            caps::clear(None, set)?;
-        }
+    step("keep only the sandbox root's capabilities", || {
+        setgroups(&[])?;
+        let keep: caps::CapsHashSet = ROOT_CAPABILITIES.into_iter().collect();
+        caps::clear(None, CapSet::Ambient)?;
+        caps::clear(None, CapSet::Inheritable)?;
+        caps::set(None, CapSet::Effective, &keep)?;
+        caps::set(None, CapSet::Permitted, &keep)?;
         Ok(())
     })?;
     step("forbid new privileges", || Ok(nix::sys::prctl::set_no_new_privs()?))?;

@@ -78,12 +78,22 @@ fn spawn(control: &Control, processes: &Processes, request: SpawnRequest, fds: V
     let Some((program, args)) = request.argv.split_first() else {
         return fail(Errno::EINVAL, "the command is empty".into());
     };
+    // Checked here, inside the sandbox, so that a missing directory is told apart from a
+    // missing program.
+    if !std::path::Path::new(&request.cwd).is_dir() {
+        return fail(
+            Errno::ENOTDIR,
+            format!("working directory {}: no such directory", request.cwd),
+        );
+    }
     let mut command = Command::new(program);
     command
         .args(args)
         .env_clear()
         .envs(request.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&request.cwd)
+        .uid(request.uid)
+        .gid(request.gid)
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))

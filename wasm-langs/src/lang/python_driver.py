@@ -45,6 +45,67 @@ def _formats(value):
     return data
 
 
+# What `display()` showed during the current cell.
+_displayed = []
+
+
+def display(*values, **kwargs):
+    """IPython's `display`: each value becomes a result of the cell (not its main one)."""
+    for value in values:
+        _displayed.append({"data": _formats(value), "is_main_result": False})
+
+
+class _Rich:
+    """A value shown through one MIME type, like IPython.display's HTML, JSON, Image..."""
+
+    mime = "text/plain"
+
+    def __init__(self, data=None, url=None, filename=None, **kwargs):
+        if data is None and filename is not None:
+            with open(filename, "rb" if self.binary else "r") as file:
+                data = file.read()
+        self.data = data
+
+    binary = False
+
+    def __repr__(self):
+        return "<%s object>" % type(self).__name__
+
+
+def _rich_class(name, mime, method, binary=False):
+    def render(self):
+        return self.data
+    return type(name, (_Rich,), {"mime": mime, method: render, "binary": binary})
+
+
+HTML = _rich_class("HTML", "text/html", "_repr_html_")
+Markdown = _rich_class("Markdown", "text/markdown", "_repr_markdown_")
+SVG = _rich_class("SVG", "image/svg+xml", "_repr_svg_")
+Latex = _rich_class("Latex", "text/latex", "_repr_latex_")
+Image = _rich_class("Image", "image/png", "_repr_png_", binary=True)
+JSON = _rich_class("JSON", "application/json", "_repr_json_")
+
+
+def _install_ipython_display():
+    """A small `IPython.display` (display, HTML, Markdown, SVG, Latex, Image, JSON), so that
+    notebook code runs unchanged; IPython itself is not in the pack."""
+    import types
+    ipython = types.ModuleType("IPython")
+    module = types.ModuleType("IPython.display")
+    for name in ("display", "HTML", "Markdown", "SVG", "Latex", "Image", "JSON"):
+        setattr(module, name, globals()[name])
+    ipython.display = module
+    # Libraries that find IPython ask it for the running shell: there is none.
+    ipython.get_ipython = lambda: None
+    # matplotlib works around IPython releases before 8.24; this one needs none of that.
+    ipython.version_info = (9, 0, 0, "")
+    ipython.__version__ = "9.0.0"
+    sys.modules.setdefault("IPython", ipython)
+    sys.modules.setdefault("IPython.display", module)
+    import builtins
+    builtins.display = display
+
+
 def _figures():
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
@@ -127,6 +188,8 @@ def run(cell, code, env, fresh):
         error, exit_code = _error(exc, 2), 1
     except BaseException as exc:
         error, exit_code = _error(exc, 1), 1
+    results.extend(_displayed)
+    _displayed.clear()
     try:
         results.extend(_figures())
     except Exception as exc:
@@ -142,6 +205,7 @@ def initialize(imports):
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     os.chdir("/home/user")
+    _install_ipython_display()
     for name in imports:
         __import__(name)
     pyplot = sys.modules.get("matplotlib.pyplot")

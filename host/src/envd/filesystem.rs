@@ -1,0 +1,477 @@
+//! envd's `filesystem.Filesystem` service (protocol.md, 3.5) on the sandbox's files (see
+//! [`super::paths`]): `Stat`, `MakeDir`, `Move`, `ListDir` with a depth, `Remove`, and
+//! directory watchers — streamed (`WatchDir`, the async SDK) or polled (`CreateWatcher`,
+//! `GetWatcherEvents`, `RemoveWatcher`, the sync SDK) — on the kernel's inotify.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::post;
+use cap_std::fs::Dir;
+use notify::event::{EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::LiveSandbox;
+use super::connect::{
+    Code, ConnectError, error_for, keepalive, request_message, server_stream, stream_error, unary,
+};
+use super::paths::{EntryInfo, HomePath, PathError, PathErrorKind, entry_info, workspace};
+use crate::app::App;
+
+/// The most entries one `ListDir` returns.
+const MAX_LISTED_ENTRIES: usize = 100_000;
+/// The most watchers a sandbox may have at once.
+const MAX_WATCHERS_PER_SANDBOX: usize = 64;
+/// The most events a polled watcher keeps between two polls; older ones are dropped.
+const MAX_PENDING_EVENTS: usize = 10_000;
+/// How long a watch stream stays silent before a keepalive when the client asks none.
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
+
+pub(super) fn routes() -> Router<App> {
+    Router::new()
+        .route("/filesystem.Filesystem/Stat", post(stat))
+        .route("/filesystem.Filesystem/MakeDir", post(make_dir))
+        .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/ListDir", post(list_dir))
+        .route("/filesystem.Filesystem/Remove", post(remove))
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
+        .route("/filesystem.Filesystem/GetWatcherEvents", post(get_watcher_events))
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
+}
+
+impl From<PathError> for ConnectError {
+    fn from(error: PathError) -> Self {
+        let code = match error.kind {
+            PathErrorKind::NotFound => Code::NotFound,
+            PathErrorKind::Invalid => Code::InvalidArgument,
+            PathErrorKind::AlreadyExists => Code::AlreadyExists,
+            PathErrorKind::Denied => Code::PermissionDenied,
+            PathErrorKind::NoSpace => Code::ResourceExhausted,
+            PathErrorKind::Internal => Code::Internal,
+        };
+        Self::new(code, error.message)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PathRequest {
+    path: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct MoveRequest {
+    source: String,
+    destination: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ListDirRequest {
+    path: String,
+    depth: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WatchRequest {
+    path: String,
+    recursive: bool,
+    #[serde(alias = "include_entry")]
+    include_entry: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WatcherRequest {
+    #[serde(alias = "watcher_id")]
+    watcher_id: String,
+}
+
+/// Runs a unary call: parses its message, runs `call` on the sandbox's files, answers.
+async fn unary_call<T, F>(live: LiveSandbox, headers: HeaderMap, body: Bytes, call: F) -> Response
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: FnOnce(&Dir, T) -> Result<Value, ConnectError> + Send + 'static,
+{
+    let result = match request_message::<T>(&headers, &body) {
+        Ok(request) => tokio::task::spawn_blocking(move || {
+            let dir = workspace(&live.sandbox)?;
+            call(&dir, request)
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConnectError::new(Code::Internal, e.to_string()))),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(message) => unary(&message),
+        Err(error) => error_for(&headers, error),
+    }
+}
+
+async fn stat(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    unary_call(live, headers, body, |dir, request: PathRequest| {
+        let path = HomePath::resolve(&request.path)?;
+        Ok(json!({ "entry": entry_info(dir, &path)? }))
+    })
+    .await
+}
+
+async fn make_dir(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    unary_call(live, headers, body, |dir, request: PathRequest| {
+        let path = HomePath::resolve(&request.path)?;
+        match dir.symlink_metadata(&path.relative) {
+            Ok(metadata) if metadata.is_dir() => {
+                return Err(ConnectError::new(
+                    Code::AlreadyExists,
+                    format!("directory {} already exists", path.shown),
+                ));
+            }
+            Ok(_) => {
+                return Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    format!("{} exists and is not a directory", path.shown),
+                ));
+            }
+            Err(_) => {}
+        }
+        dir.create_dir_all(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+        Ok(json!({ "entry": entry_info(dir, &path)? }))
+    })
+    .await
+}
+
+async fn move_entry(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    unary_call(live, headers, body, |dir, request: MoveRequest| {
+        let source = HomePath::resolve(&request.source)?;
+        let destination = HomePath::resolve(&request.destination)?;
+        dir.symlink_metadata(&source.relative).map_err(|e| PathError::io(&source.shown, &e))?;
+        if let Some(parent) = destination.relative.parent().filter(|p| !p.as_os_str().is_empty()) {
+            dir.create_dir_all(parent).map_err(|e| PathError::io(&destination.shown, &e))?;
+        }
+        dir.rename(&source.relative, dir, &destination.relative)
+            .map_err(|e| PathError::io(&source.shown, &e))?;
+        Ok(json!({ "entry": entry_info(dir, &destination)? }))
+    })
+    .await
+}
+
+async fn list_dir(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    unary_call(live, headers, body, |dir, request: ListDirRequest| {
+        let path = HomePath::resolve(&request.path)?;
+        let info = entry_info(dir, &path)?;
+        if info.file_type != super::paths::FILE_TYPE_DIRECTORY {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                format!("{} is not a directory", path.shown),
+            ));
+        }
+        let mut entries = Vec::new();
+        list(dir, &path, request.depth.max(1), &mut entries)?;
+        Ok(json!({ "entries": entries }))
+    })
+    .await
+}
+
+/// Appends the entries below `path`, `depth` levels deep (symbolic links are not followed).
+fn list(
+    dir: &Dir,
+    path: &HomePath,
+    depth: u32,
+    out: &mut Vec<EntryInfo>,
+) -> Result<(), ConnectError> {
+    let entries = dir.read_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+    let mut children: Vec<HomePath> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str().map(|name| path.join(name)))
+        .collect();
+    children.sort_by(|a, b| a.shown.cmp(&b.shown));
+    for child in children {
+        // An entry removed meanwhile is skipped.
+        let Ok(info) = entry_info(dir, &child) else { continue };
+        let descend =
+            depth > 1 && info.file_type == super::paths::FILE_TYPE_DIRECTORY && !info.is_symlink;
+        out.push(info);
+        if out.len() > MAX_LISTED_ENTRIES {
+            return Err(ConnectError::new(
+                Code::ResourceExhausted,
+                format!("more than {MAX_LISTED_ENTRIES} entries; list with a smaller depth"),
+            ));
+        }
+        if descend {
+            list(dir, &child, depth - 1, out)?;
+        }
+    }
+    Ok(())
+}
+
+async fn remove(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    unary_call(live, headers, body, |dir, request: PathRequest| {
+        let path = HomePath::resolve(&request.path)?;
+        if path.relative == Path::new(".") {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                format!("{} is the home directory; remove what is in it instead", path.shown),
+            ));
+        }
+        let metadata =
+            dir.symlink_metadata(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+        let removed = if metadata.is_dir() {
+            dir.remove_dir_all(&path.relative)
+        } else {
+            dir.remove_file(&path.relative)
+        };
+        removed.map_err(|e| PathError::io(&path.shown, &e))?;
+        Ok(json!({}))
+    })
+    .await
+}
+
+/// The polled watchers of every sandbox, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Watchers {
+    watchers: Mutex<HashMap<String, PolledWatcher>>,
+}
+
+struct PolledWatcher {
+    sandbox: String,
+    /// Kept for its inotify watch; dropping it stops the watch.
+    _watcher: RecommendedWatcher,
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl std::fmt::Debug for PolledWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolledWatcher").field("sandbox", &self.sandbox).finish_non_exhaustive()
+    }
+}
+
+impl Watchers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, PolledWatcher>> {
+        self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the watchers of sandboxes that are gone.
+    fn prune(&self, app: &App) {
+        let Some(manager) = app.manager() else { return };
+        self.lock().retain(|_, w| manager.get(&w.sandbox).is_ok());
+    }
+}
+
+/// A watch on a directory of the sandbox: the watcher and the host directory it watches.
+fn watch(
+    live: &LiveSandbox,
+    request: &WatchRequest,
+    on_event: impl Fn(Value) + Send + 'static,
+) -> Result<RecommendedWatcher, ConnectError> {
+    let path = HomePath::resolve(&request.path)?;
+    let dir = workspace(&live.sandbox)?;
+    dir.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+    let root =
+        live.sandbox.workspace().canonicalize().map_err(|e| PathError::io(&path.shown, &e))?;
+    let watched =
+        root.join(&path.relative).canonicalize().map_err(|e| PathError::io(&path.shown, &e))?;
+    if !watched.starts_with(&root) {
+        return Err(PathError::new(
+            PathErrorKind::Denied,
+            format!("{}: leads outside the sandbox's files", path.shown),
+        )
+        .into());
+    }
+    let include_entry = request.include_entry;
+    let shown = path.clone();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let Some(kind) = event_type(event.kind) else { return };
+        for changed in &event.paths {
+            let Ok(name) = changed.strip_prefix(&watched) else { continue };
+            let Some(name) = name.to_str().filter(|n| !n.is_empty()) else { continue };
+            let mut message = json!({ "name": name, "type": kind });
+            if include_entry
+                && let Ok(dir) = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
+                && let Ok(info) = entry_info(&dir, &shown.join(name))
+            {
+                message["entry"] = json!(info);
+            }
+            on_event(message);
+        }
+    };
+    let mut watcher = notify::recommended_watcher(handler)
+        .map_err(|e| ConnectError::new(Code::Internal, format!("watching: {e}")))?;
+    let mode =
+        if request.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+    let host_dir: PathBuf = live.sandbox.workspace().join(&path.relative);
+    watcher
+        .watch(&host_dir, mode)
+        .map_err(|e| ConnectError::new(Code::Internal, format!("watching {}: {e}", path.shown)))?;
+    Ok(watcher)
+}
+
+/// envd's `EventType` of a change, or none for changes it does not report (reads).
+fn event_type(kind: EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::Create(_) => Some("EVENT_TYPE_CREATE"),
+        EventKind::Modify(ModifyKind::Metadata(_)) => Some("EVENT_TYPE_CHMOD"),
+        EventKind::Modify(ModifyKind::Name(_)) => Some("EVENT_TYPE_RENAME"),
+        EventKind::Modify(_) => Some("EVENT_TYPE_WRITE"),
+        EventKind::Remove(_) => Some("EVENT_TYPE_REMOVE"),
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => None,
+    }
+}
+
+async fn watch_dir(
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request: WatchRequest = match request_message(&headers, &body) {
+        Ok(request) => request,
+        Err(error) => return stream_error(error),
+    };
+    let (events, mut received) = mpsc::channel::<Value>(MAX_PENDING_EVENTS);
+    let watcher = match watch(&live, &request, move |event| {
+        let _ = events.try_send(event);
+    }) {
+        Ok(watcher) => watcher,
+        Err(error) => return stream_error(error),
+    };
+    let keepalive = keepalive(&headers).unwrap_or(DEFAULT_KEEPALIVE);
+    let (sender, response) = server_stream();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        if !sender.send(&json!({ "start": {} })).await {
+            return;
+        }
+        loop {
+            let message = tokio::select! {
+                event = received.recv() => match event {
+                    Some(event) => json!({ "filesystem": event }),
+                    None => return sender.end(None).await,
+                },
+                () = tokio::time::sleep(keepalive) => json!({ "keepalive": {} }),
+                () = sender.closed() => return,
+            };
+            if !sender.send(&message).await {
+                return;
+            }
+        }
+    });
+    response
+}
+
+async fn create_watcher(
+    State(app): State<App>,
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = (|| {
+        let request: WatchRequest = request_message(&headers, &body)?;
+        let watchers = app.watchers();
+        watchers.prune(&app);
+        let sandbox = live.record.id.to_string();
+        if watchers.lock().values().filter(|w| w.sandbox == sandbox).count()
+            >= MAX_WATCHERS_PER_SANDBOX
+        {
+            return Err(ConnectError::new(
+                Code::ResourceExhausted,
+                format!("a sandbox may have {MAX_WATCHERS_PER_SANDBOX} watchers; remove one first"),
+            ));
+        }
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let pending = Arc::clone(&events);
+        let watcher = watch(&live, &request, move |event| {
+            let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            if pending.len() < MAX_PENDING_EVENTS {
+                pending.push(event);
+            }
+        })?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        watchers.lock().insert(id.clone(), PolledWatcher { sandbox, _watcher: watcher, events });
+        Ok(json!({ "watcherId": id }))
+    })();
+    match result {
+        Ok(message) => unary(&message),
+        Err(error) => error_for(&headers, error),
+    }
+}
+
+fn watcher_not_found(id: &str) -> ConnectError {
+    ConnectError::new(Code::NotFound, format!("watcher {id} not found"))
+}
+
+async fn get_watcher_events(
+    State(app): State<App>,
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = request_message::<WatcherRequest>(&headers, &body).and_then(|request| {
+        let watchers = app.watchers().lock();
+        let watcher = watchers
+            .get(&request.watcher_id)
+            .filter(|w| w.sandbox == live.record.id.as_str())
+            .ok_or_else(|| watcher_not_found(&request.watcher_id))?;
+        let events =
+            std::mem::take(&mut *watcher.events.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok(json!({ "events": events }))
+    });
+    match result {
+        Ok(message) => unary(&message),
+        Err(error) => error_for(&headers, error),
+    }
+}
+
+async fn remove_watcher(
+    State(app): State<App>,
+    Extension(live): Extension<LiveSandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = request_message::<WatcherRequest>(&headers, &body).and_then(|request| {
+        let mut watchers = app.watchers().lock();
+        let owned =
+            watchers.get(&request.watcher_id).is_some_and(|w| w.sandbox == live.record.id.as_str());
+        if !owned {
+            return Err(watcher_not_found(&request.watcher_id));
+        }
+        watchers.remove(&request.watcher_id);
+        Ok(json!({}))
+    });
+    match result {
+        Ok(message) => unary(&message),
+        Err(error) => error_for(&headers, error),
+    }
+}

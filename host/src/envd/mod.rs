@@ -1,0 +1,185 @@
+//! The data plane: what answers, in E2B, from inside a sandbox — envd (port 49983: processes,
+//! the filesystem, file transfer) and the code interpreter (port 49999).
+//!
+//! A request belongs to a sandbox when it carries the `E2b-Sandbox-Id` header (and
+//! `E2b-Sandbox-Port`, envd when absent), as the SDKs send it when `E2B_SANDBOX_URL` points
+//! at SoulBox, or when its `Host` is `{port}-{id}.{domain}` (domain mode). Everything else is
+//! the control plane. A signed `/files` URL carries no sandbox id in single-URL mode; it
+//! belongs to the running sandbox whose access token its signature verifies with.
+//!
+//! Every data-plane request but `GET /health` shows the sandbox's access token
+//! (`X-Access-Token`), or, for `/files`, a valid signature. An unknown, paused or killed
+//! sandbox answers 502 "sandbox was not found", as E2B's edge proxy does.
+
+mod connect;
+mod files;
+mod filesystem;
+mod paths;
+mod process;
+
+pub(crate) use filesystem::Watchers;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use soulbox_runtime::{ManagerError, ProcessTable, Sandbox, SandboxRecord};
+use subtle::ConstantTimeEq;
+use tower::ServiceExt;
+
+use crate::app::App;
+
+/// envd's port.
+pub(crate) const ENVD_PORT: u16 = 49983;
+/// The code interpreter's port.
+pub(crate) const INTERPRETER_PORT: u16 = 49999;
+
+/// The sandbox and port a data-plane request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) sandbox_id: String,
+    pub(crate) port: u16,
+}
+
+impl Target {
+    /// The target named by the request's headers or host, if any.
+    fn of(headers: &HeaderMap) -> Option<Self> {
+        if let Some(id) = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
+            let port = headers
+                .get("e2b-sandbox-port")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(ENVD_PORT);
+            return Some(Self { sandbox_id: id.to_owned(), port });
+        }
+        let host = headers.get(header::HOST)?.to_str().ok()?;
+        let label = host.split('.').next()?;
+        let (port, id) = label.split_once('-')?;
+        let port = port.parse().ok()?;
+        // Only a host of the form `{port}-{id}.{domain}`, with an id's shape.
+        (host.contains('.') && soulbox_runtime::SandboxId::parse(id).is_some())
+            .then(|| Self { sandbox_id: id.to_owned(), port })
+    }
+}
+
+/// A running sandbox, as a data-plane handler gets it.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveSandbox {
+    pub(crate) record: SandboxRecord,
+    pub(crate) sandbox: Arc<Sandbox>,
+    pub(crate) processes: Arc<ProcessTable>,
+}
+
+/// The routers of the data plane, built once.
+#[derive(Clone)]
+pub(crate) struct DataPlane {
+    app: App,
+    envd: Router,
+    interpreter: Router,
+}
+
+impl DataPlane {
+    pub(crate) fn new(app: App) -> Self {
+        let envd = Router::new()
+            .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+            .merge(process::routes())
+            .merge(filesystem::routes())
+            .layer(DefaultBodyLimit::max(connect::MAX_REQUEST_BYTES))
+            .merge(files::routes())
+            .with_state(app.clone());
+        let interpreter = crate::interpreter::routes().with_state(app.clone());
+        Self { app, envd, interpreter }
+    }
+}
+
+/// The answer of E2B's proxy for a sandbox that does not run; the SDKs turn it into
+/// `SandboxNotRunningException`.
+pub(crate) fn sandbox_not_found(id: &str) -> Response {
+    let body = json!({
+        "code": 502,
+        "message": format!("The sandbox {id} was not found: it does not exist, was killed, or is paused"),
+        "sandboxId": id,
+    });
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}
+
+fn unauthorized(message: &str) -> Response {
+    let body = json!({ "code": 401, "message": format!("unauthorized access, {message}") });
+    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+}
+
+/// Whether `given` is the sandbox's token, compared in constant time.
+pub(crate) fn token_matches(record: &SandboxRecord, given: &str) -> bool {
+    record.access_token.as_bytes().ct_eq(given.as_bytes()).into()
+}
+
+/// Sends data-plane requests to envd or the code interpreter of their sandbox; lets every
+/// other request through to the control plane.
+pub(crate) async fn route(
+    State(plane): State<DataPlane>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let target = match Target::of(request.headers()) {
+        Some(target) => target,
+        None => match files::signed_target(&plane.app, &request) {
+            Some(target) => target,
+            None => return next.run(request).await,
+        },
+    };
+    let Some(manager) = plane.app.manager() else {
+        return sandbox_not_found(&target.sandbox_id);
+    };
+    let live = match manager.get(&target.sandbox_id).and_then(|record| {
+        let (sandbox, processes) = manager.processes(&target.sandbox_id)?;
+        Ok(LiveSandbox { record, sandbox, processes })
+    }) {
+        Ok(live) => live,
+        Err(ManagerError::NotFound(_) | ManagerError::Paused(_)) => {
+            return sandbox_not_found(&target.sandbox_id);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "data plane");
+            let body = json!({ "code": 500, "message": e.to_string() });
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response();
+        }
+    };
+    if request.uri().path() != "/health" && !authorized(&live.record, &request) {
+        return unauthorized("the sandbox's access token is missing or wrong (X-Access-Token)");
+    }
+    let router = match target.port {
+        ENVD_PORT => plane.envd.clone(),
+        INTERPRETER_PORT => plane.interpreter.clone(),
+        port => {
+            let body = json!({
+                "code": 502,
+                "message": format!("The sandbox is running but port is not open: {port}"),
+                "sandboxId": target.sandbox_id,
+                "port": port,
+            });
+            return (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response();
+        }
+    };
+    request.extensions_mut().insert(live);
+    match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+/// Whether the request shows the sandbox's token, or (for `/files`) a valid signature.
+fn authorized(record: &SandboxRecord, request: &Request) -> bool {
+    if record.access_token.is_empty() {
+        return true;
+    }
+    let header = request.headers().get("x-access-token").and_then(|v| v.to_str().ok());
+    if header.is_some_and(|token| token_matches(record, token)) {
+        return true;
+    }
+    request.uri().path() == "/files" && files::signature_valid(record, request)
+}

@@ -80,7 +80,17 @@ impl Contexts {
 
 /// An error: a status and a plain-text body (the SDK shows the body).
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, message.into()).into_response()
+    Refusal(status, message.into()).into_response()
+}
+
+/// A request refused, with its status and why.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
 }
 
 /// The canonical language of a request (`js` is JavaScript, and so on).
@@ -89,7 +99,7 @@ fn language_of(name: Option<&str>) -> String {
 }
 
 /// Whether a tier of this server can run `language` now.
-fn runnable(app: &App, language: &str) -> Result<(), Response> {
+fn runnable(app: &App, language: &str) -> Result<(), Refusal> {
     let languages = app.dispatcher().languages();
     let ready = languages
         .iter()
@@ -104,7 +114,7 @@ fn runnable(app: &App, language: &str) -> Result<(), Response> {
         .collect();
     known.sort();
     known.dedup();
-    Err(error(
+    Err(Refusal(
         StatusCode::BAD_REQUEST,
         format!("language '{language}' is not available here; languages: {}", known.join(", ")),
     ))
@@ -144,8 +154,8 @@ async fn execute(
         }
         None => language_of(request.language.as_deref()),
     };
-    if let Err(response) = runnable(&app, &language) {
-        return response;
+    if let Err(refusal) = runnable(&app, &language) {
+        return refusal.into_response();
     }
     let count = {
         let mut contexts = app.contexts().lock();
@@ -303,6 +313,46 @@ fn strip_quotes(text: &str) -> &str {
     if quoted { &text[1..text.len() - 1] } else { text }
 }
 
+/// Where a kernel starts.
+const DEFAULT_CWD: &str = "/home/user";
+
+/// Makes `cwd` the working directory of a new context's kernel, with a first, silent cell.
+async fn change_directory(
+    app: &App,
+    live: &LiveSandbox,
+    context: &str,
+    language: &str,
+    cwd: &str,
+) -> Result<(), Refusal> {
+    // A JSON string is a valid string literal in both languages.
+    let literal = serde_json::to_string(cwd).unwrap_or_default();
+    let code = match language {
+        "python" => format!("__import__('os').chdir({literal})"),
+        "ruby" => format!("Dir.chdir({literal}); nil"),
+        _ => {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "a `cwd` other than {DEFAULT_CWD} is supported for python and ruby contexts"
+                ),
+            ));
+        }
+    };
+    let mut exec = ExecRequest::cell(Language::parse(language), code);
+    exec.context = Some(context.to_owned());
+    let output = match app.dispatcher().start(live.sandbox.clone(), exec) {
+        Ok(execution) => execution.collect().await,
+        Err(e) => return Err(Refusal(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    match (output.error, output.failure) {
+        (None, None) => Ok(()),
+        (Some(e), _) => {
+            Err(Refusal(StatusCode::BAD_REQUEST, format!("cwd {cwd}: {}: {}", e.name, e.value)))
+        }
+        (None, Some(failure)) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, failure)),
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct CreateContext {
@@ -325,13 +375,18 @@ async fn create_context(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
     };
     let language = language_of(request.language.as_deref());
-    if let Err(response) = runnable(&app, &language) {
-        return response;
+    if let Err(refusal) = runnable(&app, &language) {
+        return refusal.into_response();
     }
     app.contexts().prune(&app);
-    let cwd = request.cwd.filter(|c| !c.is_empty()).unwrap_or_else(|| "/home/user".to_owned());
-    let context = Context { language, cwd };
+    let cwd = request.cwd.filter(|c| !c.is_empty()).unwrap_or_else(|| DEFAULT_CWD.to_owned());
     let id = uuid::Uuid::new_v4().to_string();
+    if cwd != DEFAULT_CWD
+        && let Err(refusal) = change_directory(&app, &live, &id, &language, &cwd).await
+    {
+        return refusal.into_response();
+    }
+    let context = Context { language, cwd };
     let mut contexts = app.contexts().lock();
     let sandbox = contexts.entry(live.record.id.to_string()).or_default();
     if sandbox.contexts.len() >= MAX_CONTEXTS_PER_SANDBOX {

@@ -273,3 +273,196 @@ fn nothing_of_the_servers_environment_reaches_a_native_sandbox() {
         );
     }
 }
+
+/// `soulbox serve` on a free port of a data directory, started and ready.
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+            .args(["serve", "--no-install", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let began = Instant::now();
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("the server logs").expect("a line");
+            if line.contains("soulbox is serving") {
+                break;
+            }
+            assert!(began.elapsed() < Duration::from_secs(60), "server did not start");
+        }
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, port }
+    }
+
+    /// One request; the status and the body (de-chunked).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).expect("send");
+        stream.write_all(body).expect("send");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).expect("read");
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
+        let head = text(&response[..split]).to_ascii_lowercase();
+        let status = head[9..12].parse().expect("a status");
+        let mut body = response[split + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let mut plain = Vec::new();
+            let mut rest = body.as_slice();
+            while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(text(&rest[..eol]).trim(), 16).expect("a chunk size");
+                if size == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 4 + size..];
+            }
+            body = plain;
+        }
+        (status, body)
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn json(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let (status, body) =
+            self.call(method, path, &[("Content-Type", "application/json")], &bytes);
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a process whose command line contains `marker` runs on this host.
+fn host_runs(marker: &str) -> bool {
+    std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok).any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|cmdline| text(&cmdline).replace('\0', " ").contains(marker))
+    })
+}
+
+#[test]
+fn after_kill_9_every_sandbox_and_file_comes_back_and_running_ones_are_paused() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let (status, created) = server.json(
+        "POST",
+        "/v2/sandboxes",
+        serde_json::json!({"templateID": "base", "timeout": 600, "metadata": {"k": "v"}}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"].as_str().expect("an id").to_owned();
+    let token = created["envdAccessToken"].as_str().expect("a token").to_owned();
+    let (status, other) =
+        server.json("POST", "/v2/sandboxes", serde_json::json!({"templateID": "python"}));
+    assert_eq!(status, 201);
+    let paused_id = other["sandboxID"].as_str().expect("an id").to_owned();
+    assert_eq!(server.call("POST", &format!("/sandboxes/{paused_id}/pause"), &[], b"").0, 204);
+    let envd = [("E2b-Sandbox-Id", id.as_str()), ("X-Access-Token", token.as_str())];
+    let upload = [envd[0], envd[1], ("Content-Type", "application/octet-stream")];
+    let (status, body) = server.call("POST", "/files?path=kept.txt", &upload, b"survives kill -9");
+    assert_eq!(status, 200, "{}", text(&body));
+    // A process that the crash must not leave behind on the host.
+    let marker = "sleep 4242";
+    let start = serde_json::to_vec(&serde_json::json!({"process": {"cmd": "/bin/bash", "args": ["-c", marker]}, "stdin": false})).expect("json");
+    let mut envelope = vec![0u8];
+    envelope.extend_from_slice(&u32::try_from(start.len()).expect("small").to_be_bytes());
+    envelope.extend_from_slice(&start);
+    let started = std::thread::spawn({
+        let port = server.port;
+        let (id, token) = (id.clone(), token.clone());
+        move || {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let head = format!(
+                "POST /process.Process/Start HTTP/1.1\r\nHost: localhost\r\nE2b-Sandbox-Id: {id}\r\nX-Access-Token: {token}\r\nContent-Type: application/connect+json\r\nContent-Length: {}\r\n\r\n",
+                envelope.len()
+            );
+            stream.write_all(head.as_bytes()).expect("send");
+            stream.write_all(&envelope).expect("send");
+            let mut buffer = [0u8; 1024];
+            let n = stream.read(&mut buffer).expect("the start event");
+            text(&buffer[..n])
+        }
+    });
+    let first = started.join().expect("the stream");
+    assert!(first.contains("start"), "{first}");
+    let began = Instant::now();
+    while !host_runs(marker) {
+        assert!(began.elapsed() < Duration::from_secs(10), "the process never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // `Child::kill` is SIGKILL: the server gets no chance to tidy up.
+    server.kill();
+    // Its sandboxes' processes end with it: init leaves when the server's end of its control
+    // socket closes, and the kernel ends the whole sandbox.
+    let began = Instant::now();
+    while host_runs(marker) {
+        assert!(began.elapsed() < Duration::from_secs(10), "a sandbox process outlived the server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let server = Server::start(data.path());
+    let (status, info) = server.json("GET", &format!("/sandboxes/{id}"), Value::Null);
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["state"], "paused", "a running sandbox comes back paused: {info}");
+    assert_eq!(info["metadata"]["k"], "v");
+    let (_, info) = server.json("GET", &format!("/sandboxes/{paused_id}"), Value::Null);
+    assert_eq!(info["state"], "paused", "{info}");
+    let (_, listed) = server.json("GET", "/v2/sandboxes", Value::Null);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // Its data plane waits for a resume; connect resumes it with its files.
+    assert_eq!(server.call("GET", "/health", &envd, b"").0, 502);
+    let (status, connected) = server.json(
+        "POST",
+        &format!("/v2/sandboxes/{id}/connect"),
+        serde_json::json!({"timeout": 60}),
+    );
+    assert_eq!(status, 201, "{connected}");
+    assert_eq!(connected["envdAccessToken"], token.as_str(), "the token is kept");
+    let (status, body) = server.call("GET", "/files?path=kept.txt", &envd, b"");
+    assert_eq!((status, text(&body)), (200, "survives kill -9".to_owned()));
+    let rpc = [envd[0], envd[1], ("Content-Type", "application/json")];
+    let (status, body) = server.call("POST", "/process.Process/List", &rpc, b"{}");
+    assert_eq!(status, 200);
+    let processes: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(processes["processes"], serde_json::json!([]), "processes did not survive");
+}

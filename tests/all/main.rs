@@ -5,6 +5,7 @@
 mod cells;
 mod e2b_control;
 mod e2b_sdk;
+mod envd;
 mod escape;
 mod http;
 mod isolation;

@@ -105,16 +105,26 @@ pub async fn http_request(
     url: &str,
     body: Option<Vec<u8>>,
 ) -> (u16, hyper::HeaderMap, Vec<u8>) {
+    http_request_with(method, url, &[("content-type", "application/json")], body).await
+}
+
+/// One HTTP request over a real socket with these headers; its status, headers and body.
+pub async fn http_request_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (u16, hyper::HeaderMap, Vec<u8>) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
-        .expect("request");
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request =
+        request.body(Full::new(bytes::Bytes::from(body.unwrap_or_default()))).expect("request");
     let response = client.request(request).await.expect("response");
     let status = response.status().as_u16();
     let headers = response.headers().clone();

@@ -227,10 +227,30 @@ fn written(path: &HomePath) -> serde_json::Value {
     json!({ "path": path.shown, "name": path.name(), "type": "file" })
 }
 
+/// Makes the directory `parent` of `shown` and its parents, unless it is there (a path
+/// through a link that leads outside is refused as such, not made).
+pub(super) fn make_parents(
+    dir: &Dir,
+    parent: &std::path::Path,
+    shown: &str,
+) -> Result<(), PathError> {
+    match dir.metadata(parent) {
+        Ok(metadata) if metadata.is_dir() => Ok(()),
+        Ok(_) => Err(PathError::new(
+            PathErrorKind::Invalid,
+            format!("{shown}: a parent is not a directory"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            dir.create_dir_all(parent).map_err(|e| PathError::io(shown, &e))
+        }
+        Err(e) => Err(PathError::io(shown, &e)),
+    }
+}
+
 /// Opens `path` for writing (truncating it), making its parent directories.
 fn create_file(dir: &Dir, path: &HomePath) -> Result<std::fs::File, PathError> {
     if let Some(parent) = path.relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-        dir.create_dir_all(parent).map_err(|e| PathError::io(&path.shown, &e))?;
+        make_parents(dir, parent, &path.shown)?;
     }
     if dir.metadata(&path.relative).is_ok_and(|m| m.is_dir()) {
         return Err(PathError::new(

@@ -171,7 +171,7 @@ async fn move_entry(
         let destination = HomePath::resolve(&request.destination)?;
         dir.symlink_metadata(&source.relative).map_err(|e| PathError::io(&source.shown, &e))?;
         if let Some(parent) = destination.relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-            dir.create_dir_all(parent).map_err(|e| PathError::io(&destination.shown, &e))?;
+            super::files::make_parents(dir, parent, &destination.shown)?;
         }
         dir.rename(&source.relative, dir, &destination.relative)
             .map_err(|e| PathError::io(&source.shown, &e))?;
@@ -187,13 +187,9 @@ async fn list_dir(
 ) -> Response {
     unary_call(live, headers, body, |dir, request: ListDirRequest| {
         let path = HomePath::resolve(&request.path)?;
-        let info = entry_info(dir, &path)?;
-        if info.file_type != super::paths::FILE_TYPE_DIRECTORY {
-            return Err(ConnectError::new(
-                Code::InvalidArgument,
-                format!("{} is not a directory", path.shown),
-            ));
-        }
+        // Opening it says whether it is a directory, and refuses one through a link that
+        // leads outside.
+        dir.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
         let mut entries = Vec::new();
         list(dir, &path, request.depth.max(1), &mut entries)?;
         Ok(json!({ "entries": entries }))

@@ -7,8 +7,9 @@
 //! the control plane. A signed `/files` URL carries no sandbox id in single-URL mode; it
 //! belongs to the running sandbox whose access token its signature verifies with.
 //!
-//! Every data-plane request but `GET /health` shows the sandbox's access token
-//! (`X-Access-Token`), or, for `/files`, a valid signature. An unknown, paused or killed
+//! Every data-plane request shows the sandbox's access token (`X-Access-Token`), or, for
+//! `/files`, a valid signature — but `GET /health` and the code interpreter's `/contexts`
+//! calls, which the SDKs send without it. An unknown, paused or killed
 //! sandbox answers 502 "sandbox was not found", as E2B's edge proxy does.
 
 mod connect;
@@ -149,7 +150,7 @@ pub(crate) async fn route(
             return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response();
         }
     };
-    if request.uri().path() != "/health" && !authorized(&live.record, &request) {
+    if !open_without_token(&target, request.uri().path()) && !authorized(&live.record, &request) {
         return unauthorized("the sandbox's access token is missing or wrong (X-Access-Token)");
     }
     let router = match target.port {
@@ -170,6 +171,13 @@ pub(crate) async fn route(
         Ok(response) => response,
         Err(never) => match never {},
     }
+}
+
+/// Whether a path is served without the access token: `/health` (the SDKs probe it bare),
+/// and the code interpreter's `/contexts` calls, for which the SDK sends no token (it sends
+/// it with `/execute` only); they run no code.
+fn open_without_token(target: &Target, path: &str) -> bool {
+    path == "/health" || (target.port == INTERPRETER_PORT && path.starts_with("/contexts"))
 }
 
 /// Whether the request shows the sandbox's token, or (for `/files`) a valid signature.

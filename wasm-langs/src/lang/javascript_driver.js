@@ -38,7 +38,8 @@
   globalThis.process = { env: {} };
   globalThis.__soulbox = {
     begin(env, seed) {
-      Object.assign(globalThis.process.env, env);
+      // The cell's variables hold for this cell only.
+      globalThis.process.env = Object.assign({}, env);
       if (seed !== null) {
         s0 = BigInt(seed[0]) | 1n;
         s1 = BigInt(seed[1]);

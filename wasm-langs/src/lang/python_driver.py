@@ -167,6 +167,8 @@ def run(cell, code, env, fresh):
         numpy = sys.modules.get("numpy")
         if numpy is not None:
             numpy.random.seed()
+    # The cell's variables hold for this cell only.
+    saved_env = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     namespace = sys.modules["__main__"].__dict__
     results, error, exit_code = [], None, 0
@@ -198,6 +200,11 @@ def run(cell, code, env, fresh):
         results.append(main_result)
     sys.stdout.flush()
     sys.stderr.flush()
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     _send_report(cell, {"results": results, "error": error, "exit_code": exit_code})
 
 

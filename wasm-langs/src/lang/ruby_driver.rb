@@ -8,7 +8,10 @@ module SoulBox
 
   def self.run(code, env_json, fresh)
     Random.srand if fresh
-    JSON.parse(env_json).each { |k, v| ENV[k] = v }
+    # The cell's variables hold for this cell only.
+    env = JSON.parse(env_json)
+    saved_env = env.keys.to_h { |k| [k, ENV[k]] }
+    env.each { |k, v| ENV[k] = v }
     results = []
     error = nil
     exit_code = 0
@@ -28,6 +31,7 @@ module SoulBox
     ensure
       $stdout.flush
       $stderr.flush
+      saved_env.each { |k, v| ENV[k] = v }
     end
     JSON.generate({ "results" => results, "error" => error, "exit_code" => exit_code })
   end

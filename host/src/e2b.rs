@@ -11,7 +11,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
@@ -44,10 +44,28 @@ pub(crate) fn routes() -> Router<App> {
         .route("/sandboxes", post(create).get(list))
         .route("/sandboxes/{id}", get(info).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
+        .layer(axum::middleware::from_fn(require_json))
+}
+
+/// Refuses a body that says it is not JSON (a body without a content type is read as JSON,
+/// as the SDKs' bodies are).
+async fn require_json(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let content_type =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let has_body = headers.get(header::CONTENT_LENGTH).is_some_and(|v| v != "0")
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    if has_body && !content_type.is_empty() && !content_type.starts_with("application/json") {
+        let message =
+            format!("content type `{content_type}` is not supported; send application/json");
+        return E2bError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response();
+    }
+    next.run(request).await
 }
 
 /// An error in E2B's shape.
@@ -190,7 +208,7 @@ impl From<&SandboxRecord> for SandboxInfo {
             identity: record.into(),
             started_at: rfc3339(record.started_at_ms),
             end_at: rfc3339(record.end_at_ms),
-            cpu_count: 1,
+            cpu_count: soulbox_runtime::SANDBOX_CPU_COUNT,
             memory_mb: record.limits.memory_bytes >> 20,
             disk_size_mb: 0,
             state: match record.state {
@@ -331,4 +349,23 @@ async fn connect(
     let (record, resumed) = manager(&app)?.connect(&id, timeout_or_default(&bytes)?).await?;
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
     Ok(sandbox_answer(status, &record))
+}
+
+/// `GET /sandboxes/{id}/metrics`: E2B answers a series over `start`..`end`; SoulBox keeps no
+/// history and answers one sample, taken now.
+async fn metrics(State(app): State<App>, Path(id): Path<String>) -> Result<Response, E2bError> {
+    let sample = manager(&app)?.metrics(&id).await?;
+    let seconds = sample.timestamp_ms / 1000;
+    Ok(Json(json!([{
+        "timestamp": rfc3339(sample.timestamp_ms),
+        "timestampUnix": seconds,
+        "cpuCount": sample.cpu_count,
+        "cpuUsedPct": sample.cpu_used_pct,
+        "memUsed": sample.memory_used_bytes,
+        "memTotal": sample.memory_total_bytes,
+        "memCache": 0,
+        "diskUsed": sample.disk_used_bytes,
+        "diskTotal": sample.disk_total_bytes,
+    }]))
+    .into_response())
 }

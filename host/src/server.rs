@@ -266,6 +266,14 @@ fn event_line(tier: soulbox_runtime::Tier, event: &ExecEvent) -> Bytes {
 
 /// Serves the API on `listener` until Ctrl-C.
 pub async fn serve(listener: tokio::net::TcpListener, app: App) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Streamed answers (process output, cells) are many small writes: with Nagle's algorithm
+    // each would wait for the client's delayed ACK, about 40 ms.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

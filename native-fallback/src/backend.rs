@@ -15,8 +15,8 @@ use nix::sys::signal::Signal;
 use soulbox_runtime::{
     Backend, BackendError, BackendOutcome, EventSink, ExecEvent, ExecKind, ExecRequest, GuestError,
     Language, LanguageStatus, LanguageSupport, Limits, OutputStream, ProcessEnd, ProcessError,
-    ProcessRequest, ProcessSignal, ProcessSignaller, Sandbox, SandboxId, SandboxUser,
-    SpawnedProcess, Termination, Tier,
+    ProcessRequest, ProcessSignal, ProcessSignaller, ResourceUsage, Sandbox, SandboxId,
+    SandboxUser, SpawnedProcess, Termination, Tier,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
@@ -648,6 +648,12 @@ impl Backend for NativeBackend {
         request: &ProcessRequest,
     ) -> Result<SpawnedProcess, ProcessError> {
         self.start_process(sandbox, request).await
+    }
+
+    fn usage(&self, sandbox: &SandboxId) -> ResourceUsage {
+        let Some(native) = self.live(sandbox) else { return ResourceUsage::default() };
+        let (cpu_time, memory_bytes) = native.usage();
+        ResourceUsage { cpu_time, memory_bytes }
     }
 
     async fn pause(&self, sandbox: &SandboxId) -> Result<(), BackendError> {

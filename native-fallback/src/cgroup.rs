@@ -257,6 +257,34 @@ impl SandboxCgroup {
             .unwrap_or(0)
     }
 
+    /// The CPU time and memory the group uses now (zeros for what cannot be read).
+    pub(crate) fn usage(&self) -> (Duration, u64) {
+        let read = |path: PathBuf| fs::read_to_string(path).unwrap_or_default();
+        let memory = self.controller::<MemController>("memory").ok();
+        let cpu = self.controller::<CpuController>("cpu").ok();
+        if self.v2 {
+            let memory_bytes = memory
+                .and_then(|m| read(m.path().join("memory.current")).trim().parse().ok())
+                .unwrap_or(0);
+            let cpu_us: u64 = cpu
+                .map(|c| read(c.path().join("cpu.stat")))
+                .and_then(|stat| {
+                    stat.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec "))
+                        .and_then(|n| n.trim().parse().ok())
+                })
+                .unwrap_or(0);
+            return (Duration::from_micros(cpu_us), memory_bytes);
+        }
+        let memory_bytes = memory.map_or(0, |m| m.memory_stat().usage_in_bytes);
+        let cpu_ns: u64 = self
+            .controller::<cgroups_rs::cpuacct::CpuAcctController>("cpuacct")
+            .ok()
+            .and_then(|c| read(c.path().join("cpuacct.usage")).trim().parse().ok())
+            .unwrap_or(0);
+        (Duration::from_nanos(cpu_ns), memory_bytes)
+    }
+
     /// The processes in the group.
     pub(crate) fn processes(&self) -> Vec<Pid> {
         self.cgroup

@@ -294,6 +294,11 @@ impl NativeSandbox {
             .map_err(NativeError::from)
     }
 
+    /// The CPU time the sandbox has used and the memory it holds now (its cgroup's).
+    pub fn usage(&self) -> (Duration, u64) {
+        self.lock_cgroup().as_ref().map_or((Duration::ZERO, 0), SandboxCgroup::usage)
+    }
+
     /// How many of the sandbox's processes the OOM killer has killed.
     pub fn oom_kills(&self) -> u64 {
         self.lock_cgroup().as_ref().map_or(0, SandboxCgroup::oom_kills)

@@ -43,6 +43,15 @@ pub struct BackendOutcome {
     pub run: Duration,
 }
 
+/// What a sandbox uses in a tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// CPU time used since the sandbox started in the tier.
+    pub cpu_time: Duration,
+    /// Memory held now, in bytes.
+    pub memory_bytes: u64,
+}
+
 /// SoulBox failed to build or enforce a sandbox; the guest's code did not run (further).
 #[derive(Debug, thiserror::Error)]
 #[error("{tier} tier: {message}")]
@@ -83,6 +92,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         _request: &ProcessRequest,
     ) -> Result<SpawnedProcess, ProcessError> {
         Err(ProcessError::Unavailable(format!("the {} tier does not run processes", self.tier())))
+    }
+
+    /// What the sandbox uses in this tier now (nothing when it holds nothing for it).
+    fn usage(&self, _sandbox: &SandboxId) -> ResourceUsage {
+        ResourceUsage::default()
     }
 
     /// Forgets the kernels of the cells run with `context` (see [`ExecRequest::context`]), so

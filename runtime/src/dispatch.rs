@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, BackendError, LanguageStatus, LanguageSupport};
+use crate::backend::{Backend, BackendError, LanguageStatus, LanguageSupport, ResourceUsage};
 use crate::exec::{
     CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
     Termination, Tier, TierPreference, Timings,
@@ -280,6 +280,17 @@ impl Dispatcher {
                     .to_owned(),
             })),
         }
+    }
+
+    /// What the sandbox uses, summed over the tiers.
+    pub fn usage(&self, sandbox: &Sandbox) -> ResourceUsage {
+        self.backends.iter().map(|b| b.usage(sandbox.id())).fold(
+            ResourceUsage::default(),
+            |sum, u| ResourceUsage {
+                cpu_time: sum.cpu_time + u.cpu_time,
+                memory_bytes: sum.memory_bytes + u.memory_bytes,
+            },
+        )
     }
 
     /// Forgets the kernels of a cell context in every tier ([`Backend::reset_context`]).

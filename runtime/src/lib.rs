@@ -23,7 +23,9 @@ mod process;
 mod sandbox;
 mod store;
 
-pub use backend::{Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport};
+pub use backend::{
+    Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport, ResourceUsage,
+};
 pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution};
 pub use exec::{
     CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
@@ -37,7 +39,8 @@ pub use limits::{
 pub use manager::{
     CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
     MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,
-    OnTimeout, SandboxManager, SandboxPage, SandboxRecord, SandboxState,
+    OnTimeout, SANDBOX_CPU_COUNT, SandboxManager, SandboxMetrics, SandboxPage, SandboxRecord,
+    SandboxState,
 };
 pub use process::{
     ProcessEnd, ProcessError, ProcessEvent, ProcessFollower, ProcessInfo, ProcessRequest,

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -178,12 +178,40 @@ struct Entry {
     record: SandboxRecord,
     sandbox: Arc<Sandbox>,
     processes: Arc<ProcessTable>,
+    /// The last CPU sample ([`SandboxManager::metrics`]): when, and the CPU time then.
+    last_cpu: Option<(Instant, Duration)>,
 }
 
 impl Entry {
     fn new(record: SandboxRecord, sandbox: Sandbox) -> Self {
-        Self { record, sandbox: Arc::new(sandbox), processes: Arc::default() }
+        Self { record, sandbox: Arc::new(sandbox), processes: Arc::default(), last_cpu: None }
     }
+}
+
+/// How many CPUs a sandbox has: the native tier's quota is one CPU, and a cell runs on one
+/// thread.
+pub const SANDBOX_CPU_COUNT: u32 = 1;
+
+/// The most files [`SandboxManager::metrics`] counts for the disk use of one workspace.
+const MAX_COUNTED_FILES: usize = 1_000_000;
+
+/// What a sandbox uses, sampled now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SandboxMetrics {
+    /// When, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Its CPUs.
+    pub cpu_count: u32,
+    /// Its CPU use since the previous sample (or since it started), in percent of its CPUs.
+    pub cpu_used_pct: f64,
+    /// Memory held by its processes and kernels.
+    pub memory_used_bytes: u64,
+    /// Its memory limit.
+    pub memory_total_bytes: u64,
+    /// The size of its files.
+    pub disk_used_bytes: u64,
+    /// The size of the file system its files are on.
+    pub disk_total_bytes: u64,
 }
 
 /// The sandboxes of a server. Cheap to share behind an `Arc`.
@@ -340,6 +368,52 @@ impl SandboxManager {
         Ok((sandbox, entry.processes.clone()))
     }
 
+    /// Samples what a sandbox uses now (a paused sandbox uses no CPU).
+    pub async fn metrics(&self, id: &str) -> Result<SandboxMetrics, ManagerError> {
+        let id = self.find(id)?;
+        let (sandbox, record) = {
+            let sandboxes = self.lock();
+            let entry = sandboxes.get(&id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+            (entry.sandbox.clone(), entry.record.clone())
+        };
+        let usage = self.dispatcher.usage(&sandbox);
+        let workspace = sandbox.workspace().to_owned();
+        let (disk_used_bytes, disk_total_bytes) = tokio::task::spawn_blocking(move || {
+            (tree_size(&workspace), fs4::total_space(&workspace).unwrap_or(0))
+        })
+        .await
+        .unwrap_or_default();
+        let now = Instant::now();
+        let previous = {
+            let mut sandboxes = self.lock();
+            let entry =
+                sandboxes.get_mut(&id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+            entry.last_cpu.replace((now, usage.cpu_time))
+        };
+        let (wall, cpu) = match previous {
+            Some((then, cpu_then)) => (now - then, usage.cpu_time.saturating_sub(cpu_then)),
+            None => {
+                let age = now_ms().saturating_sub(record.started_at_ms);
+                (Duration::from_millis(age), usage.cpu_time)
+            }
+        };
+        let cpu_used_pct = if wall.is_zero() {
+            0.0
+        } else {
+            (cpu.as_secs_f64() / wall.as_secs_f64() / f64::from(SANDBOX_CPU_COUNT) * 100.0)
+                .min(100.0)
+        };
+        Ok(SandboxMetrics {
+            timestamp_ms: now_ms(),
+            cpu_count: SANDBOX_CPU_COUNT,
+            cpu_used_pct,
+            memory_used_bytes: usage.memory_bytes,
+            memory_total_bytes: record.limits.memory_bytes,
+            disk_used_bytes,
+            disk_total_bytes,
+        })
+    }
+
     /// Sandboxes by filter, oldest first, a page at a time.
     pub fn list(&self, filter: &ListFilter) -> SandboxPage {
         let mut records: Vec<SandboxRecord> = self
@@ -473,6 +547,30 @@ impl SandboxManager {
             }
         })
     }
+}
+
+/// The size of the files under `dir` (links not followed), up to [`MAX_COUNTED_FILES`] of
+/// them.
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut counted = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            counted += 1;
+            if counted > MAX_COUNTED_FILES {
+                return total;
+            }
+            let Ok(metadata) = entry.metadata() else { continue };
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total += metadata.len();
+            }
+        }
+    }
+    total
 }
 
 fn spec_of(record: &SandboxRecord) -> SandboxSpec {

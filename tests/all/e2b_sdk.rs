@@ -61,7 +61,7 @@ async fn run_script(script: &str) {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         let what = format!("{} with {}", script.display(), python.display());
-        assert!(output.status.success(), "{what}:\n{stdout}\n{stderr}");
+        assert!(output.status.success(), "{what} ({}):\n{stdout}\n{stderr}", output.status);
         assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{what}: {stdout}");
     }
 }

@@ -106,6 +106,12 @@ async fn every_call_but_health_needs_the_access_token() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["entry"]["type"], "FILE_TYPE_DIRECTORY");
     assert_eq!(answer["entry"]["path"], "/home/user");
+    let (status, body) = envd(&base, &id, Some(&token), "GET", "/metrics", "", vec![]).await;
+    assert_eq!(status, 200);
+    let metrics = json_of(&body);
+    assert_eq!(metrics["cpu_count"], 1, "{metrics}");
+    assert!(metrics["mem_total"].as_u64().is_some_and(|m| m > 0), "{metrics}");
+    assert!(metrics["disk_total"].as_u64().is_some_and(|d| d > 0), "{metrics}");
     // Another sandbox's token opens nothing here.
     let body = serde_json::to_vec(&json!({"templateID": "base"})).expect("json");
     let (_, _, other) = http_request("POST", &format!("{base}/v2/sandboxes"), Some(body)).await;
@@ -159,6 +165,19 @@ async fn malformed_requests_get_a_4xx_in_the_protocols_shape() {
     )
     .await;
     assert_eq!(status, 400);
+    assert_eq!(json_of(&body)["code"], "invalid_argument", "{}", json_of(&body));
+
+    let (status, body) = envd(
+        &base,
+        &id,
+        Some(&token),
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        "text/xml",
+        br#"{"path":"/home/user"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 400, "a wrong content type");
     assert_eq!(json_of(&body)["code"], "invalid_argument", "{}", json_of(&body));
 
     // A stream whose envelope is cut short: the answer is an end-of-stream error frame.
@@ -471,4 +490,94 @@ async fn a_process_outlives_the_client_that_left_its_stream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the killed process is still listed");
+}
+
+/// The messages of a whole Connect stream: (flags, JSON) per envelope.
+fn envelopes(mut body: &[u8]) -> Vec<(u8, Value)> {
+    let mut frames = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        frames.push((body[0], json_of(&body[5..5 + len])));
+        body = &body[5 + len..];
+    }
+    assert!(body.is_empty(), "a truncated frame");
+    frames
+}
+
+/// Runs `script` with `Start` to its end; every frame of the answer.
+async fn start_to_end(
+    base: &str,
+    id: &str,
+    token: &str,
+    script: &str,
+    headers: &[(&str, &str)],
+) -> Vec<(u8, Value)> {
+    let message = serde_json::to_vec(
+        &json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false}),
+    )
+    .expect("json");
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut all = vec![
+        ("e2b-sandbox-id", id),
+        ("x-access-token", token),
+        ("content-type", "application/connect+json"),
+    ];
+    all.extend_from_slice(headers);
+    let (status, response_headers, bytes) =
+        http_request_with("POST", &format!("{base}/process.Process/Start"), &all, Some(body)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        response_headers["content-type"], "application/connect+json",
+        "exactly, or the SDK refuses it"
+    );
+    envelopes(&bytes)
+}
+
+#[tokio::test]
+async fn streams_carry_keepalives_and_a_deadline_ends_the_process() {
+    let (base, id, token, _data) = sandbox().await;
+    let frames = start_to_end(
+        &base,
+        &id,
+        &token,
+        "sleep 2.5; echo done",
+        &[("keepalive-ping-interval", "1")],
+    )
+    .await;
+    let kinds: Vec<String> = frames
+        .iter()
+        .map(|(flags, message)| {
+            match message["event"].as_object().and_then(|e| e.keys().next().cloned()) {
+                Some(kind) => kind,
+                None => format!("trailer {flags} {message}"),
+            }
+        })
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("start"), "{kinds:?}");
+    assert!(kinds.iter().filter(|k| *k == "keepalive").count() >= 2, "{kinds:?}");
+    assert_eq!(kinds[kinds.len() - 2], "end", "{kinds:?}");
+    assert_eq!(frames.last().map(|(flags, m)| (*flags, m.clone())), Some((2, json!({}))));
+    let data =
+        frames.iter().find_map(|(_, m)| m["event"]["data"]["stdout"].as_str()).expect("output");
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(data).expect("base64"), b"done\n");
+
+    // `connect-timeout-ms` is the process's lifetime.
+    let began = std::time::Instant::now();
+    let frames =
+        start_to_end(&base, &id, &token, "sleep 30", &[("connect-timeout-ms", "500")]).await;
+    let elapsed = began.elapsed();
+    let end =
+        frames.iter().find_map(|(_, m)| m["event"].get("end").cloned()).expect("an end event");
+    assert_eq!(
+        end,
+        json!({"exitCode": -1, "exited": false, "status": "signal: killed", "error": "signal: killed"})
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "killed at its deadline, not at its end: {elapsed:?}"
+    );
+    let (_, listed) = rpc(&base, &id, &token, "/process.Process/List", json!({})).await;
+    assert_eq!(listed["processes"], json!([]), "{listed}");
 }

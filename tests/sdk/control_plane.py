@@ -3,6 +3,7 @@ metadata filter, set_timeout, pause, connect, kill). Run by tests/all/e2b_sdk.rs
 E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the server."""
 
 import asyncio
+import os
 
 from e2b import AsyncSandbox, Sandbox, SandboxQuery
 
@@ -41,4 +42,8 @@ async def async_sdk():
 
 sync_sdk()
 asyncio.run(async_sdk())
-print("ok")
+print("ok", flush=True)
+# The SDK's native HTTP transport sometimes aborts while the interpreter tears down (SIGABRT
+# with no Python frame, seen with e2b 2.63.0 after every call had returned): every check has
+# run by now, so leave without the teardown.
+os._exit(0)

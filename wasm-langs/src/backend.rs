@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use soulbox_runtime::{
     Backend, BackendError, BackendOutcome, EventSink, ExecKind, ExecRequest, Language,
-    LanguageStatus, LanguageSupport, Sandbox, SandboxId, Tier,
+    LanguageStatus, LanguageSupport, ResourceUsage, Sandbox, SandboxId, Tier,
 };
 
 use crate::WasmError;
@@ -36,6 +36,10 @@ pub struct WasmBackend {
     data_dir: PathBuf,
     packs: RwLock<BTreeMap<Language, Arc<LoadedPack>>>,
     kernels: Mutex<HashMap<KernelKey, KernelSlot>>,
+    /// The memory size of each started kernel, for [`Backend::usage`].
+    memory: Mutex<HashMap<KernelKey, Arc<AtomicU64>>>,
+    /// The time each sandbox's cells have run (on the server's threads, each cell on one).
+    cell_time: Mutex<HashMap<SandboxId, Duration>>,
     next_kernel: AtomicU64,
 }
 
@@ -62,6 +66,8 @@ impl WasmBackendBuilder {
             data_dir: self.data_dir,
             packs: RwLock::default(),
             kernels: Mutex::default(),
+            memory: Mutex::default(),
+            cell_time: Mutex::default(),
             next_kernel: AtomicU64::new(0),
         };
         for record in pack::installed_packs(&backend.data_dir) {
@@ -148,6 +154,7 @@ impl WasmBackend {
         let slots: Vec<KernelSlot> = {
             let mut kernels = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
             let keys: Vec<_> = kernels.keys().filter(|key| which(key)).cloned().collect();
+            self.memory.lock().unwrap_or_else(PoisonError::into_inner).retain(|key, _| !which(key));
             keys.iter().filter_map(|key| kernels.remove(key)).collect()
         };
         for slot in slots {
@@ -189,7 +196,12 @@ impl WasmBackend {
                 )
                 .await?;
                 match started {
-                    Ok(kernel) => kernel,
+                    Ok(kernel) => {
+                        let key = (sandbox.id().clone(), language.clone(), request.context.clone());
+                        let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+                        memory.insert(key, kernel.memory_gauge());
+                        kernel
+                    }
                     Err(termination) => {
                         let startup = startup_began.elapsed();
                         return Ok(BackendOutcome { termination, startup, run: Duration::ZERO });
@@ -203,6 +215,12 @@ impl WasmBackend {
         let run_began = Instant::now();
         let end = kernel.run_cell(code, &env, &request.limits, events).await;
         let run = run_began.elapsed();
+        *self
+            .cell_time
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(sandbox.id().clone())
+            .or_default() += run;
         if end.reusable {
             *parked = Some(kernel);
         }
@@ -253,11 +271,25 @@ impl Backend for WasmBackend {
         }
     }
 
+    fn usage(&self, sandbox: &SandboxId) -> ResourceUsage {
+        let memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        let memory_bytes = memory
+            .iter()
+            .filter(|((id, _, _), _)| id == sandbox)
+            .map(|(_, size)| size.load(Ordering::Relaxed))
+            .sum();
+        // A cell runs on one of the server's threads, busy for as long as it runs.
+        let cell_time = self.cell_time.lock().unwrap_or_else(PoisonError::into_inner);
+        let cpu_time = cell_time.get(sandbox).copied().unwrap_or_default();
+        ResourceUsage { cpu_time, memory_bytes }
+    }
+
     async fn reset_context(&self, sandbox: &SandboxId, context: &str) {
         self.drop_kernels(|(id, _, c)| id == sandbox && c.as_deref() == Some(context)).await;
     }
 
     async fn close(&self, sandbox: &SandboxId) {
+        self.cell_time.lock().unwrap_or_else(PoisonError::into_inner).remove(sandbox);
         self.drop_kernels(|(id, _, _)| id == sandbox).await;
     }
 }

@@ -7,6 +7,8 @@
 //! yields to the host at every tick, so a wall-clock timeout can stop it at any point.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use soulbox_runtime::{EventSink, ExecEvent, Limits, OutputStream, Termination};
@@ -31,11 +33,14 @@ impl std::fmt::Debug for KernelState {
     }
 }
 
-/// Refuses linear-memory growth past the execution's limit, and remembers that it did.
+/// Refuses linear-memory growth past the execution's limit, and remembers that it did;
+/// keeps the size the guest's memory has grown to where the host can read it while the
+/// guest runs (zero once the store is gone).
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit_bytes: u64,
     exceeded: bool,
+    size_bytes: Arc<AtomicU64>,
 }
 
 /// The most table elements a guest may grow a table to.
@@ -43,12 +48,29 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 impl MemoryLimiter {
     pub(crate) fn new(limit_bytes: u64) -> Self {
-        Self { limit_bytes, exceeded: false }
+        Self { limit_bytes, exceeded: false, size_bytes: Arc::default() }
+    }
+
+    /// Sets the limit for the next execution, forgetting that an earlier one was exceeded.
+    pub(crate) fn set_limit(&mut self, limit_bytes: u64) {
+        self.limit_bytes = limit_bytes;
+        self.exceeded = false;
+    }
+
+    /// The size of the guest's memory, readable from anywhere.
+    pub(crate) fn size_gauge(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.size_bytes)
     }
 
     /// Whether the guest tried to grow past the limit.
     pub(crate) fn exceeded(&self) -> bool {
         self.exceeded
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.size_bytes.store(0, Ordering::Relaxed);
     }
 }
 
@@ -65,6 +87,7 @@ impl ResourceLimiter for MemoryLimiter {
             // cgroup OOM kill of the native tier, not an allocation failure it may catch.
             wasmtime::bail!("memory limit of {} bytes exceeded", self.limit_bytes);
         }
+        self.size_bytes.store(u64::try_from(desired).unwrap_or(u64::MAX), Ordering::Relaxed);
         Ok(true)
     }
 
@@ -181,6 +204,11 @@ pub(crate) struct CellEnd {
 }
 
 impl Kernel {
+    /// The size of its memory, readable while it runs.
+    pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
+        self.store.data().limiter.size_gauge()
+    }
+
     /// Starts a kernel from a pack's image, with `workspace` at `/home/user` and a fresh
     /// scratch directory at `scratch`.
     pub(crate) async fn start(
@@ -233,7 +261,7 @@ impl Kernel {
         events: &EventSink,
     ) -> CellEnd {
         self.output.begin(events, limits);
-        self.store.data_mut().limiter = MemoryLimiter::new(limits.memory_bytes);
+        self.store.data_mut().limiter.set_limit(limits.memory_bytes);
         let scratch = self.scratch.as_ref().map(|s| &s.dir);
         let cell =
             CellInput { code, env, number: self.cells_run, fresh: self.cells_run == 0, scratch };

@@ -115,6 +115,14 @@ pub(crate) fn request_messages<T: DeserializeOwned>(
         serde_json::from_slice(bytes).map_err(|e| invalid(format!("invalid request message: {e}")))
     };
     if !is_stream(headers) {
+        let content_type =
+            headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !content_type.is_empty() && !content_type.starts_with("application/json") {
+            return Err(invalid(format!(
+                "content type `{content_type}` is not supported; send application/json (unary \
+                 calls) or {STREAM_CONTENT_TYPE} (streams)"
+            )));
+        }
         return Ok(vec![parse(body)?]);
     }
     let mut messages = Vec::new();

@@ -88,6 +88,7 @@ impl DataPlane {
     pub(crate) fn new(app: App) -> Self {
         let envd = Router::new()
             .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+            .route("/metrics", get(metrics))
             .merge(process::routes())
             .merge(filesystem::routes())
             .layer(DefaultBodyLimit::max(connect::MAX_REQUEST_BYTES))
@@ -95,6 +96,28 @@ impl DataPlane {
             .with_state(app.clone());
         let interpreter = crate::interpreter::routes().with_state(app.clone());
         Self { app, envd, interpreter }
+    }
+}
+
+/// envd's `GET /metrics`: what the sandbox uses now.
+async fn metrics(
+    State(app): State<App>,
+    axum::extract::Extension(live): axum::extract::Extension<LiveSandbox>,
+) -> Response {
+    let Some(manager) = app.manager() else { return sandbox_not_found(live.record.id.as_str()) };
+    match manager.metrics(live.record.id.as_str()).await {
+        Ok(sample) => axum::Json(json!({
+            "ts": sample.timestamp_ms / 1000,
+            "cpu_count": sample.cpu_count,
+            "cpu_used_pct": sample.cpu_used_pct,
+            "mem_total": sample.memory_total_bytes,
+            "mem_used": sample.memory_used_bytes,
+            "mem_cache": 0,
+            "disk_used": sample.disk_used_bytes,
+            "disk_total": sample.disk_total_bytes,
+        }))
+        .into_response(),
+        Err(_) => sandbox_not_found(live.record.id.as_str()),
     }
 }
 

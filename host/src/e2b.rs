@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -107,6 +107,22 @@ fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
     app.manager().ok_or_else(|| {
         E2bError::new(StatusCode::SERVICE_UNAVAILABLE, "this server keeps no sandboxes")
     })
+}
+
+/// A request's body; one that cannot be read (too large, cut short) is an error in E2B's
+/// shape.
+#[derive(Debug)]
+pub(crate) struct E2bBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for E2bBody {
+    type Rejection = E2bError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, E2bError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| E2bError::new(rejection.status(), rejection.body_text()))
+    }
 }
 
 /// Parses a JSON body; an empty body is `{}`.
@@ -229,7 +245,7 @@ impl From<&SandboxRecord> for SandboxInfo {
     }
 }
 
-async fn create(State(app): State<App>, bytes: Bytes) -> Result<Response, E2bError> {
+async fn create(State(app): State<App>, E2bBody(bytes): E2bBody) -> Result<Response, E2bError> {
     let manager = manager(&app)?;
     let request: NewSandbox = body(&bytes)?;
     let Some((_, tier)) = TEMPLATES.iter().find(|(name, _)| *name == request.template_id) else {
@@ -306,7 +322,7 @@ struct TimeoutBody {
 async fn set_timeout(
     State(app): State<App>,
     Path(id): Path<String>,
-    bytes: Bytes,
+    E2bBody(bytes): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let request: TimeoutBody = body(&bytes)?;
     let timeout = request
@@ -335,7 +351,7 @@ fn sandbox_answer(status: StatusCode, record: &SandboxRecord) -> Response {
 async fn resume(
     State(app): State<App>,
     Path(id): Path<String>,
-    bytes: Bytes,
+    E2bBody(bytes): E2bBody,
 ) -> Result<Response, E2bError> {
     let record = manager(&app)?.resume(&id, timeout_or_default(&bytes)?).await?;
     Ok(sandbox_answer(StatusCode::CREATED, &record))
@@ -344,7 +360,7 @@ async fn resume(
 async fn connect(
     State(app): State<App>,
     Path(id): Path<String>,
-    bytes: Bytes,
+    E2bBody(bytes): E2bBody,
 ) -> Result<Response, E2bError> {
     let (record, resumed) = manager(&app)?.connect(&id, timeout_or_default(&bytes)?).await?;
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };

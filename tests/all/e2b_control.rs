@@ -113,6 +113,11 @@ async fn bad_requests_get_e2b_errors_and_create_nothing() {
     assert_eq!(status, 415, "a wrong content type: {bytes:?}");
     let error: Value = serde_json::from_slice(&bytes).expect("E2B's error shape");
     assert_eq!(error["code"], 415);
+    let big = vec![b' '; 5 << 20];
+    let (status, _, bytes) = http_request("POST", &url, Some(big)).await;
+    assert_eq!(status, 413, "an oversized body");
+    let error: Value = serde_json::from_slice(&bytes).expect("E2B's error shape");
+    assert_eq!(error["code"], 413, "{error}");
     let (status, _, _) = call("GET", &format!("{base}/v2/sandboxes?state=sleeping"), None).await;
     assert_eq!(status, 400);
     let (status, _, _) = call("GET", &format!("{base}/sandboxes/..%2F..%2Fetc"), None).await;

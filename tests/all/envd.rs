@@ -197,7 +197,7 @@ async fn malformed_requests_get_a_4xx_in_the_protocols_shape() {
 
     // A body larger than a call may carry.
     let big = vec![b' '; 17 << 20];
-    let (status, _) = envd(
+    let (status, body) = envd(
         &base,
         &id,
         Some(&token),
@@ -208,6 +208,7 @@ async fn malformed_requests_get_a_4xx_in_the_protocols_shape() {
     )
     .await;
     assert_eq!(status, 413);
+    assert_eq!(json_of(&body)["code"], "resource_exhausted", "{}", json_of(&body));
 
     let (status, body) =
         envd(&base, &id, Some(&token), "POST", "/files", "application/octet-stream", b"x".to_vec())

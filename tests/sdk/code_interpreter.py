@@ -15,6 +15,7 @@ from e2b_code_interpreter import (
     Result,
     Sandbox,
 )
+from e2b_code_interpreter.charts import BarChart, LineChart
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +97,22 @@ def check_chart(sandbox):
     pngs = [r.png for r in execution.results if r.png]
     assert len(pngs) == 1, execution.results
     assert base64.b64decode(pngs[0]).startswith(PNG_SIGNATURE), pngs[0][:32]
+    # The chart's data, as E2B extracts it from matplotlib.
+    [chart] = [r.chart for r in execution.results if r.chart]
+    assert isinstance(chart, LineChart), chart
+    [line] = chart.elements
+    assert [tuple(p) for p in line.points] == [(1, 1), (2, 4), (3, 9)], line.points
+
+    execution = ok_run(
+        sandbox,
+        "import matplotlib.pyplot as plt\n"
+        "plt.bar(['apples', 'pears'], [3, 5])\n"
+        "plt.title('fruit')\n"
+        "plt.show()\n",
+    )
+    [chart] = [r.chart for r in execution.results if r.chart]
+    assert isinstance(chart, BarChart) and chart.title == "fruit", chart
+    assert [(b.label, b.value) for b in chart.elements] == [("apples", 3), ("pears", 5)], chart.elements
 
 
 def check_rich_results(sandbox):

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -92,6 +93,34 @@ impl ConnectError {
 impl IntoResponse for ConnectError {
     fn into_response(self) -> Response {
         (self.code.status(), Json(self.body())).into_response()
+    }
+}
+
+/// A call's body. One that cannot be read (too large, cut short) is answered in the
+/// protocol's shape: a Connect error, with 413 for a body over [`MAX_REQUEST_BYTES`].
+#[derive(Debug)]
+pub(crate) struct CallBody(pub(crate) Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for CallBody {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let headers = request.headers().clone();
+        Bytes::from_request(request, state).await.map(Self).map_err(|rejection| {
+            let too_large = rejection.status() == StatusCode::PAYLOAD_TOO_LARGE;
+            let code = if too_large { Code::ResourceExhausted } else { Code::InvalidArgument };
+            let message = format!(
+                "{} (a call carries at most {} MiB)",
+                rejection.body_text(),
+                MAX_REQUEST_BYTES >> 20
+            );
+            let error = ConnectError::new(code, message);
+            if is_stream(&headers) {
+                stream_error(error)
+            } else {
+                (rejection.status(), Json(error.body())).into_response()
+            }
+        })
     }
 }
 

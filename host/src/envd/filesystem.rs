@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 
 use super::LiveSandbox;
 use super::connect::{
-    Code, ConnectError, error_for, keepalive, request_message, server_stream, stream_error, unary,
+    CallBody, Code, ConnectError, error_for, keepalive, request_message, server_stream,
+    stream_error, unary,
 };
 use super::paths::{EntryInfo, HomePath, PathError, PathErrorKind, entry_info, workspace};
 use crate::app::App;
@@ -124,7 +125,7 @@ where
 async fn stat(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     unary_call(live, headers, body, |dir, request: PathRequest| {
         let path = HomePath::resolve(&request.path)?;
@@ -136,7 +137,7 @@ async fn stat(
 async fn make_dir(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     unary_call(live, headers, body, |dir, request: PathRequest| {
         let path = HomePath::resolve(&request.path)?;
@@ -164,7 +165,7 @@ async fn make_dir(
 async fn move_entry(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     unary_call(live, headers, body, |dir, request: MoveRequest| {
         let source = HomePath::resolve(&request.source)?;
@@ -183,7 +184,7 @@ async fn move_entry(
 async fn list_dir(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     unary_call(live, headers, body, |dir, request: ListDirRequest| {
         let path = HomePath::resolve(&request.path)?;
@@ -232,7 +233,7 @@ fn list(
 async fn remove(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     unary_call(live, headers, body, |dir, request: PathRequest| {
         let path = HomePath::resolve(&request.path)?;
@@ -350,7 +351,7 @@ fn event_type(kind: EventKind) -> Option<&'static str> {
 async fn watch_dir(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let request: WatchRequest = match request_message(&headers, &body) {
         Ok(request) => request,
@@ -391,7 +392,7 @@ async fn create_watcher(
     State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = (|| {
         let request: WatchRequest = request_message(&headers, &body)?;
@@ -432,7 +433,7 @@ async fn get_watcher_events(
     State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = request_message::<WatcherRequest>(&headers, &body).and_then(|request| {
         let watchers = app.watchers().lock();
@@ -454,7 +455,7 @@ async fn remove_watcher(
     State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = request_message::<WatcherRequest>(&headers, &body).and_then(|request| {
         let mut watchers = app.watchers().lock();

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -24,8 +23,8 @@ use soulbox_runtime::{
 
 use super::LiveSandbox;
 use super::connect::{
-    Code, ConnectError, StreamSender, client_stream_done, error_for, keepalive, request_message,
-    request_messages, server_stream, stream_error, timeout, unary,
+    CallBody, Code, ConnectError, StreamSender, client_stream_done, error_for, keepalive,
+    request_message, request_messages, server_stream, stream_error, timeout, unary,
 };
 use crate::app::App;
 
@@ -187,7 +186,7 @@ async fn start(
     State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let prepared = (|| {
         let request: StartRequest = request_message(&headers, &body)?;
@@ -227,7 +226,7 @@ async fn start(
 async fn connect(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let followed = request_message::<Selected>(&headers, &body)
         .and_then(|request| live.select(&request.process))
@@ -369,7 +368,7 @@ async fn write_input(
 async fn send_input(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = async {
         let request: SendInputRequest = request_message(&headers, &body)?;
@@ -385,7 +384,7 @@ async fn send_input(
 async fn stream_input(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = async {
         let messages: Vec<StreamInputMessage> = request_messages(&headers, &body)?;
@@ -411,7 +410,7 @@ async fn stream_input(
 async fn send_signal(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = async {
         let request: SendSignalRequest = request_message(&headers, &body)?;
@@ -439,7 +438,7 @@ async fn send_signal(
 async fn close_stdin(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = async {
         let request: Selected = request_message(&headers, &body)?;
@@ -463,7 +462,7 @@ struct UpdateRequest {
 async fn update(
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
-    body: Bytes,
+    CallBody(body): CallBody,
 ) -> Response {
     let result = (|| {
         let request: UpdateRequest = request_message(&headers, &body)?;

@@ -106,6 +106,110 @@ def _install_ipython_display():
     builtins.display = display
 
 
+def _value(value):
+    """A chart value as JSON: numbers as floats, dates as ISO text, the rest as text."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _label(artist, fallback):
+    label = artist.get_label()
+    return fallback if not label or label.startswith("_") else label
+
+
+def _axes_chart(axes):
+    """E2B's chart data of one plot: its lines, points, bars or pie slices."""
+    from matplotlib.container import BarContainer
+    from matplotlib.collections import PathCollection
+    from matplotlib.patches import Wedge
+
+    title = axes.get_title()
+    wedges = [p for p in axes.patches if isinstance(p, Wedge)]
+    if wedges:
+        labels = [t.get_text() for t in axes.texts]
+        return {
+            "type": "pie",
+            "title": title,
+            "elements": [
+                {
+                    "label": labels[i] if i < len(labels) else _label(w, str(i)),
+                    "angle": float(w.theta2 - w.theta1),
+                    "radius": float(w.r),
+                }
+                for i, w in enumerate(wedges)
+            ],
+        }
+    axis_data = {
+        "title": title,
+        "x_label": axes.get_xlabel() or None,
+        "y_label": axes.get_ylabel() or None,
+        "x_unit": None,
+        "y_unit": None,
+    }
+    bars = [c for c in axes.containers if isinstance(c, BarContainer)]
+    if bars:
+        ticks = {round(float(t), 6): l.get_text() for t, l in zip(axes.get_xticks(), axes.get_xticklabels())}
+        elements = []
+        for number, container in enumerate(bars):
+            group = _label(container, str(number))
+            for rect in container.patches:
+                center = round(float(rect.get_x() + rect.get_width() / 2), 6)
+                elements.append({
+                    "label": ticks.get(center, _value(center)),
+                    "group": group,
+                    "value": _value(rect.get_height()),
+                })
+        return dict(axis_data, type="bar", elements=elements)
+    lines = [line for line in axes.get_lines()]
+    scatters = [c for c in axes.collections if isinstance(c, PathCollection)]
+    if not lines and not scatters:
+        return None
+    elements = [
+        {
+            "label": _label(line, "line %d" % i),
+            "points": [[_value(x), _value(y)] for x, y in zip(line.get_xdata(orig=True), line.get_ydata(orig=True))],
+        }
+        for i, line in enumerate(lines)
+    ] + [
+        {
+            "label": _label(collection, "points %d" % i),
+            "points": [[_value(x), _value(y)] for x, y in collection.get_offsets()],
+        }
+        for i, collection in enumerate(scatters)
+    ]
+    return dict(
+        axis_data,
+        type="line" if lines else "scatter",
+        elements=elements,
+        x_ticks=[_value(t) for t in axes.get_xticks()],
+        x_tick_labels=[t.get_text() for t in axes.get_xticklabels()],
+        x_scale=axes.get_xscale(),
+        y_ticks=[_value(t) for t in axes.get_yticks()],
+        y_tick_labels=[t.get_text() for t in axes.get_yticklabels()],
+        y_scale=axes.get_yscale(),
+    )
+
+
+def _chart(figure):
+    """E2B's chart data of a figure (drawn already): one chart, or a superchart of several."""
+    try:
+        charts = [c for c in (_axes_chart(axes) for axes in figure.get_axes()) if c]
+    except Exception:
+        return None
+    if len(charts) == 1:
+        return charts[0]
+    if not charts:
+        return None
+    title = figure._suptitle.get_text() if figure._suptitle is not None else ""
+    return {"type": "superchart", "title": title, "elements": charts}
+
+
 def _figures():
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
@@ -115,13 +219,14 @@ def _figures():
         figure = pyplot.figure(number)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", bbox_inches="tight")
-        figures.append({
-            "data": {
-                "image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
-                "text/plain": repr(figure),
-            },
-            "is_main_result": False,
-        })
+        data = {
+            "image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "text/plain": repr(figure),
+        }
+        chart = _chart(figure)
+        if chart is not None:
+            data["e2b/chart"] = json.dumps(chart)
+        figures.append({"data": data, "is_main_result": False})
     pyplot.close("all")
     return figures
 

@@ -154,6 +154,33 @@ impl App {
         &self.contexts
     }
 
+    /// The `/tmp` of a sandbox's native side, started if it is not running: its directory (in
+    /// the sandbox's mount namespace) and the host uid of the sandbox user.
+    pub(crate) async fn native_tmp(
+        &self,
+        sandbox: &Sandbox,
+    ) -> Result<(cap_std::fs::Dir, u32), String> {
+        #[cfg(feature = "native")]
+        {
+            let native = self.native.as_ref().ok_or_else(|| {
+                "the native tier, which holds it, is not available here".to_owned()
+            })?;
+            let live = native
+                .live_sandbox(sandbox, &sandbox.spec().limits)
+                .await
+                .map_err(|e| e.to_string())?;
+            let path = format!("/proc/{}/root/tmp", live.init_pid());
+            let dir = cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())
+                .map_err(|e| e.to_string())?;
+            Ok((dir, soulbox_native::SANDBOX_UID_BASE + soulbox_native::SANDBOX_UID))
+        }
+        #[cfg(not(feature = "native"))]
+        {
+            let _ = sandbox;
+            Err("this soulbox was built without the native tier, which holds it".to_owned())
+        }
+    }
+
     /// The tiers, available or not (with the reason).
     pub fn tiers(&self) -> &[TierStatus] {
         &self.tiers

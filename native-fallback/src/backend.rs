@@ -222,9 +222,9 @@ impl NativeBackend {
         self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner).remove(sandbox)
     }
 
-    /// The native sandbox of `sandbox`, replaced first if its init was killed from outside
-    /// (a fresh one on the same workspace).
-    async fn live_sandbox(
+    /// The native sandbox of `sandbox`, started on first use, and replaced first if its init
+    /// was killed from outside (a fresh one on the same workspace).
+    pub async fn live_sandbox(
         &self,
         sandbox: &Sandbox,
         limits: &Limits,

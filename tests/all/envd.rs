@@ -262,7 +262,7 @@ async fn paths_that_escape_the_sandbox_are_refused_and_touch_nothing() {
         let text = String::from_utf8_lossy(&body);
         assert!(!text.contains("root:x:0:0") && !text.contains("host secret"), "{text}");
     }
-    for path in ["../escaped.txt", "/tmp/escaped.txt", "/home/user/out/planted.txt"] {
+    for path in ["../escaped.txt", "/etc/escaped.txt", "/home/user/out/planted.txt"] {
         let url = format!("/files?path={}", path.replace('/', "%2F"));
         let (status, _) =
             envd(&base, &id, Some(&token), "POST", &url, "application/octet-stream", b"x".to_vec())
@@ -581,4 +581,99 @@ async fn streams_carry_keepalives_and_a_deadline_ends_the_process() {
     );
     let (_, listed) = rpc(&base, &id, &token, "/process.Process/List", json!({})).await;
     assert_eq!(listed["processes"], json!([]), "{listed}");
+}
+
+/// Runs a shell command in the sandbox to its end; its stdout.
+async fn shell_in(base: &str, id: &str, token: &str, script: &str) -> String {
+    let frames = start_to_end(base, id, token, script, &[]).await;
+    let mut stdout = Vec::new();
+    for (_, message) in &frames {
+        if let Some(data) = message["event"]["data"]["stdout"].as_str() {
+            stdout.extend(base64::engine::general_purpose::STANDARD.decode(data).expect("base64"));
+        }
+    }
+    String::from_utf8_lossy(&stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_files_api_reaches_the_native_tmp_as_the_sandbox_user() {
+    let (base, id, token, _data) = sandbox().await;
+    // A WASM-first sandbox too: its native side starts when /tmp is first reached.
+    let upload = [
+        ("e2b-sandbox-id", id.as_str()),
+        ("x-access-token", token.as_str()),
+        ("content-type", "application/octet-stream"),
+    ];
+    let (status, _, body) = http_request_with(
+        "POST",
+        &format!("{base}/files?path=%2Ftmp%2Fdeep%2Fin%2Ftmp.txt"),
+        &upload,
+        Some(b"in tmp".to_vec()),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let seen = shell_in(&base, &id, &token, "cat /tmp/deep/in/tmp.txt; echo; stat -c '%U %n' /tmp/deep /tmp/deep/in /tmp/deep/in/tmp.txt; echo more >> /tmp/deep/in/tmp.txt").await;
+    assert_eq!(
+        seen, "in tmp\nuser /tmp/deep\nuser /tmp/deep/in\nuser /tmp/deep/in/tmp.txt\n",
+        "made by the files API, owned by the sandbox user"
+    );
+    let (status, body) = envd(
+        &base,
+        &id,
+        Some(&token),
+        "GET",
+        "/files?path=%2Ftmp%2Fdeep%2Fin%2Ftmp.txt",
+        "",
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).into_owned()),
+        (200, "in tmpmore\n".to_owned())
+    );
+    let (status, listed) = rpc(
+        &base,
+        &id,
+        &token,
+        "/filesystem.Filesystem/ListDir",
+        json!({"path": "/tmp/deep", "depth": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    let paths: Vec<&str> = listed["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["/tmp/deep/in", "/tmp/deep/in/tmp.txt"]);
+    assert_eq!(listed["entries"][1]["owner"], "user", "{listed}");
+    // A link made in the sandbox leads nowhere outside /tmp, even inside the sandbox.
+    shell_in(&base, &id, &token, "ln -s /etc/hostname /tmp/host-link; ln -s ../etc /tmp/etc-link")
+        .await;
+    for path in ["%2Ftmp%2Fhost-link", "%2Ftmp%2Fetc-link%2Fhostname"] {
+        let (status, body) =
+            envd(&base, &id, Some(&token), "GET", &format!("/files?path={path}"), "", vec![]).await;
+        assert_eq!(status, 403, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, _) = rpc(
+        &base,
+        &id,
+        &token,
+        "/filesystem.Filesystem/Move",
+        json!({"source": "/tmp/deep/in/tmp.txt", "destination": "/home/user/moved.txt"}),
+    )
+    .await;
+    assert_eq!(status, 400, "no move between the two file systems");
+    let (status, _) =
+        rpc(&base, &id, &token, "/filesystem.Filesystem/Remove", json!({"path": "/tmp"})).await;
+    assert_eq!(status, 400, "/tmp itself stays");
+    let (status, _) =
+        rpc(&base, &id, &token, "/filesystem.Filesystem/Remove", json!({"path": "/tmp/deep"}))
+            .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        shell_in(&base, &id, &token, "ls /tmp/deep 2>&1 || echo gone").await.lines().last(),
+        Some("gone")
+    );
 }

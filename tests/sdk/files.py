@@ -183,6 +183,17 @@ def check_commands_and_files_agree(sandbox):
     sandbox.files.write(f"{HOME}/from_api.txt", "y")
     assert sh(sandbox, f"cat {HOME}/from_api.txt") == "y"
     assert sh(sandbox, f"stat -c %U {HOME}/from_api.txt") == "user\n"
+    # The sandbox's /tmp too, as the sandbox user.
+    sandbox.files.write("/tmp/scratch/data.csv", "a,b\n1,2\n")
+    assert sh(sandbox, "wc -l < /tmp/scratch/data.csv; stat -c %U /tmp/scratch/data.csv") == "2\nuser\n"
+    sh(sandbox, "echo made > /tmp/made.txt")
+    assert sandbox.files.read("/tmp/made.txt") == "made\n"
+    assert "made.txt" in [e.name for e in sandbox.files.list("/tmp")]
+    # A file of the sandbox's root is not the user's to overwrite.
+    sh(sandbox, "echo mine > /tmp/roots.txt; chmod 644 /tmp/roots.txt", user="root")
+    error = raises(SandboxException, sandbox.files.write, "/tmp/roots.txt", "overwritten")
+    assert "Permission denied" in str(error), error
+    assert sh(sandbox, "cat /tmp/roots.txt") == "mine\n"
 
 
 def check_watch(sandbox):

@@ -10,12 +10,12 @@ use std::io::{self, Read, Write};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Multipart, Query, Request};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Multipart, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
-use cap_std::fs::{Dir, OpenOptions};
+use cap_std::fs::OpenOptions;
 use futures::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -23,7 +23,7 @@ use soulbox_runtime::{SandboxRecord, SandboxState, SandboxUser};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
-use super::paths::{HomePath, PathError, PathErrorKind, workspace};
+use super::paths::{PathError, PathErrorKind, SandboxFiles, SandboxPath};
 use super::{ENVD_PORT, LiveSandbox, Target};
 use crate::app::App;
 
@@ -144,15 +144,17 @@ pub(super) fn signed_target(app: &App, request: &Request) -> Option<Target> {
 }
 
 async fn download(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, FilesError> {
     user_of(&query)?;
-    let path = HomePath::resolve(query.get("path").map(String::as_str).unwrap_or_default())?;
+    let path = SandboxPath::resolve(query.get("path").map(String::as_str).unwrap_or_default())?;
     let shown = path.shown.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let dir = workspace(&live.sandbox)?;
+        let files = super::sandbox_files(&app, &live)?;
+        let dir = files.dir(&path)?;
         let metadata = dir.metadata(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
         if metadata.is_dir() {
             return Err(PathError::new(
@@ -223,35 +225,16 @@ fn copy_in_chunks(mut file: std::fs::File, out: &mut impl Write) -> io::Result<(
 }
 
 /// What an upload wrote, as the SDK expects it.
-fn written(path: &HomePath) -> serde_json::Value {
+fn written(path: &SandboxPath) -> serde_json::Value {
     json!({ "path": path.shown, "name": path.name(), "type": "file" })
 }
 
-/// Makes the directory `parent` of `shown` and its parents, unless it is there (a path
-/// through a link that leads outside is refused as such, not made).
-pub(super) fn make_parents(
-    dir: &Dir,
-    parent: &std::path::Path,
-    shown: &str,
-) -> Result<(), PathError> {
-    match dir.metadata(parent) {
-        Ok(metadata) if metadata.is_dir() => Ok(()),
-        Ok(_) => Err(PathError::new(
-            PathErrorKind::Invalid,
-            format!("{shown}: a parent is not a directory"),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            dir.create_dir_all(parent).map_err(|e| PathError::io(shown, &e))
-        }
-        Err(e) => Err(PathError::io(shown, &e)),
-    }
-}
-
 /// Opens `path` for writing (truncating it), making its parent directories.
-fn create_file(dir: &Dir, path: &HomePath) -> Result<std::fs::File, PathError> {
-    if let Some(parent) = path.relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-        make_parents(dir, parent, &path.shown)?;
+fn create_file(files: &SandboxFiles, path: &SandboxPath) -> Result<std::fs::File, PathError> {
+    if let Some(parent) = path.parent() {
+        files.make_dirs(&parent)?;
     }
+    let dir = files.dir(path)?;
     if dir.metadata(&path.relative).is_ok_and(|m| m.is_dir()) {
         return Err(PathError::new(
             PathErrorKind::Invalid,
@@ -272,12 +255,12 @@ struct FileWriter {
 }
 
 impl FileWriter {
-    fn start(live: &LiveSandbox, path: HomePath, gunzip: bool) -> Self {
+    fn start(app: &App, live: &LiveSandbox, path: SandboxPath, gunzip: bool) -> Self {
         let (chunks, mut received) = mpsc::channel::<Bytes>(8);
-        let sandbox = live.sandbox.clone();
+        let (app, live) = (app.clone(), live.clone());
         let done = tokio::task::spawn_blocking(move || {
-            let dir = workspace(&sandbox)?;
-            let file = create_file(&dir, &path)?;
+            let files = super::sandbox_files(&app, &live)?;
+            let file = create_file(&files, &path)?;
             let mut out: Box<dyn Write> =
                 if gunzip { Box::new(flate2::write::GzDecoder::new(file)) } else { Box::new(file) };
             let failed = |e: io::Error| PathError::io(&path.shown, &e);
@@ -303,6 +286,7 @@ impl FileWriter {
 }
 
 async fn upload(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
@@ -315,12 +299,12 @@ async fn upload(
         .unwrap_or_default()
         .to_owned();
     let query_path =
-        query.get("path").filter(|p| !p.is_empty()).map(|p| HomePath::resolve(p)).transpose()?;
+        query.get("path").filter(|p| !p.is_empty()).map(|p| SandboxPath::resolve(p)).transpose()?;
     if content_type.starts_with("multipart/form-data") {
         let multipart = Multipart::from_request(request, &())
             .await
             .map_err(|e| FilesError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        return upload_multipart(&live, multipart, query_path).await;
+        return upload_multipart(&app, &live, multipart, query_path).await;
     }
     let path = query_path.ok_or_else(|| {
         FilesError::new(
@@ -333,7 +317,7 @@ async fn upload(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
-    let writer = FileWriter::start(&live, path.clone(), gunzip);
+    let writer = FileWriter::start(&app, &live, path.clone(), gunzip);
     let mut body = request.into_body().into_data_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| FilesError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
@@ -346,12 +330,13 @@ async fn upload(
 }
 
 async fn upload_multipart(
+    app: &App,
     live: &LiveSandbox,
     mut multipart: Multipart,
-    query_path: Option<HomePath>,
+    query_path: Option<SandboxPath>,
 ) -> Result<Response, FilesError> {
     let bad = |message: String| FilesError::new(StatusCode::BAD_REQUEST, message);
-    let mut written_paths: Vec<HomePath> = Vec::new();
+    let mut written_paths: Vec<SandboxPath> = Vec::new();
     while let Some(mut field) = multipart.next_field().await.map_err(|e| bad(e.body_text()))? {
         if field.name() != Some("file") {
             continue;
@@ -359,7 +344,7 @@ async fn upload_multipart(
         // The file name is the full target path; the query's path wins for a single file.
         let path = match (&query_path, field.file_name()) {
             (Some(path), _) => path.clone(),
-            (None, Some(name)) => HomePath::resolve(name)?,
+            (None, Some(name)) => SandboxPath::resolve(name)?,
             (None, None) => {
                 return Err(bad("a `file` part needs a filename (its target path)".into()));
             }
@@ -367,7 +352,7 @@ async fn upload_multipart(
         if written_paths.iter().any(|p| p.shown == path.shown) {
             return Err(bad(format!("{} is written twice in one request", path.shown)));
         }
-        let writer = FileWriter::start(live, path.clone(), false);
+        let writer = FileWriter::start(app, live, path.clone(), false);
         while let Some(chunk) = field.chunk().await.map_err(|e| bad(e.body_text()))? {
             if !writer.write(chunk).await {
                 break;

@@ -4,7 +4,6 @@
 //! `GetWatcherEvents`, `RemoveWatcher`, the sync SDK) — on the kernel's inotify.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -14,7 +13,6 @@ use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
-use cap_std::fs::Dir;
 use notify::event::{EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Deserialize;
@@ -26,7 +24,9 @@ use super::connect::{
     CallBody, Code, ConnectError, error_for, keepalive, request_message, server_stream,
     stream_error, unary,
 };
-use super::paths::{EntryInfo, HomePath, PathError, PathErrorKind, entry_info, workspace};
+use super::paths::{
+    Area, EntryInfo, PathError, PathErrorKind, SandboxFiles, SandboxPath, entry_info,
+};
 use crate::app::App;
 
 /// The most entries one `ListDir` returns.
@@ -101,16 +101,23 @@ struct WatcherRequest {
     watcher_id: String,
 }
 
-/// Runs a unary call: parses its message, runs `call` on the sandbox's files, answers.
-async fn unary_call<T, F>(live: LiveSandbox, headers: HeaderMap, body: Bytes, call: F) -> Response
+/// Runs a unary call: parses its message, runs `call` on the sandbox's files (on a blocking
+/// thread), answers.
+async fn unary_call<T, F>(
+    app: App,
+    live: LiveSandbox,
+    headers: HeaderMap,
+    body: Bytes,
+    call: F,
+) -> Response
 where
     T: serde::de::DeserializeOwned + Send + 'static,
-    F: FnOnce(&Dir, T) -> Result<Value, ConnectError> + Send + 'static,
+    F: FnOnce(&SandboxFiles, T) -> Result<Value, ConnectError> + Send + 'static,
 {
     let result = match request_message::<T>(&headers, &body) {
         Ok(request) => tokio::task::spawn_blocking(move || {
-            let dir = workspace(&live.sandbox)?;
-            call(&dir, request)
+            let files = super::sandbox_files(&app, &live)?;
+            call(&files, request)
         })
         .await
         .unwrap_or_else(|e| Err(ConnectError::new(Code::Internal, e.to_string()))),
@@ -123,25 +130,27 @@ where
 }
 
 async fn stat(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    unary_call(live, headers, body, |dir, request: PathRequest| {
-        let path = HomePath::resolve(&request.path)?;
-        Ok(json!({ "entry": entry_info(dir, &path)? }))
+    unary_call(app, live, headers, body, |files, request: PathRequest| {
+        let path = SandboxPath::resolve(&request.path)?;
+        Ok(json!({ "entry": entry_info(files, &path)? }))
     })
     .await
 }
 
 async fn make_dir(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    unary_call(live, headers, body, |dir, request: PathRequest| {
-        let path = HomePath::resolve(&request.path)?;
-        match dir.symlink_metadata(&path.relative) {
+    unary_call(app, live, headers, body, |files, request: PathRequest| {
+        let path = SandboxPath::resolve(&request.path)?;
+        match files.dir(&path)?.symlink_metadata(&path.relative) {
             Ok(metadata) if metadata.is_dir() => {
                 return Err(ConnectError::new(
                     Code::AlreadyExists,
@@ -156,43 +165,61 @@ async fn make_dir(
             }
             Err(_) => {}
         }
-        dir.create_dir_all(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
-        Ok(json!({ "entry": entry_info(dir, &path)? }))
+        files.make_dirs(&path)?;
+        Ok(json!({ "entry": entry_info(files, &path)? }))
     })
     .await
 }
 
 async fn move_entry(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    unary_call(live, headers, body, |dir, request: MoveRequest| {
-        let source = HomePath::resolve(&request.source)?;
-        let destination = HomePath::resolve(&request.destination)?;
-        dir.symlink_metadata(&source.relative).map_err(|e| PathError::io(&source.shown, &e))?;
-        if let Some(parent) = destination.relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-            super::files::make_parents(dir, parent, &destination.shown)?;
+    unary_call(app, live, headers, body, |files, request: MoveRequest| {
+        let source = SandboxPath::resolve(&request.source)?;
+        let destination = SandboxPath::resolve(&request.destination)?;
+        if source.area != destination.area {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                format!(
+                    "{} and {} are on different file systems; copy, then remove",
+                    source.shown, destination.shown
+                ),
+            ));
         }
-        dir.rename(&source.relative, dir, &destination.relative)
+        if source.is_root() || destination.is_root() {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                format!("{} cannot be moved or replaced", source.shown),
+            ));
+        }
+        let dir = files.dir(&source)?;
+        dir.symlink_metadata(&source.relative).map_err(|e| PathError::io(&source.shown, &e))?;
+        if let Some(parent) = destination.parent() {
+            files.make_dirs(&parent)?;
+        }
+        dir.rename(&source.relative, &dir, &destination.relative)
             .map_err(|e| PathError::io(&source.shown, &e))?;
-        Ok(json!({ "entry": entry_info(dir, &destination)? }))
+        Ok(json!({ "entry": entry_info(files, &destination)? }))
     })
     .await
 }
 
 async fn list_dir(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    unary_call(live, headers, body, |dir, request: ListDirRequest| {
-        let path = HomePath::resolve(&request.path)?;
+    unary_call(app, live, headers, body, |files, request: ListDirRequest| {
+        let path = SandboxPath::resolve(&request.path)?;
         // Opening it says whether it is a directory, and refuses one through a link that
         // leads outside.
-        dir.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+        files.dir(&path)?.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
         let mut entries = Vec::new();
-        list(dir, &path, request.depth.max(1), &mut entries)?;
+        list(files, &path, request.depth.max(1), &mut entries)?;
         Ok(json!({ "entries": entries }))
     })
     .await
@@ -200,20 +227,21 @@ async fn list_dir(
 
 /// Appends the entries below `path`, `depth` levels deep (symbolic links are not followed).
 fn list(
-    dir: &Dir,
-    path: &HomePath,
+    files: &SandboxFiles,
+    path: &SandboxPath,
     depth: u32,
     out: &mut Vec<EntryInfo>,
 ) -> Result<(), ConnectError> {
-    let entries = dir.read_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
-    let mut children: Vec<HomePath> = entries
+    let entries =
+        files.dir(path)?.read_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+    let mut children: Vec<SandboxPath> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().to_str().map(|name| path.join(name)))
         .collect();
     children.sort_by(|a, b| a.shown.cmp(&b.shown));
     for child in children {
         // An entry removed meanwhile is skipped.
-        let Ok(info) = entry_info(dir, &child) else { continue };
+        let Ok(info) = entry_info(files, &child) else { continue };
         let descend =
             depth > 1 && info.file_type == super::paths::FILE_TYPE_DIRECTORY && !info.is_symlink;
         out.push(info);
@@ -224,25 +252,27 @@ fn list(
             ));
         }
         if descend {
-            list(dir, &child, depth - 1, out)?;
+            list(files, &child, depth - 1, out)?;
         }
     }
     Ok(())
 }
 
 async fn remove(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    unary_call(live, headers, body, |dir, request: PathRequest| {
-        let path = HomePath::resolve(&request.path)?;
-        if path.relative == Path::new(".") {
+    unary_call(app, live, headers, body, |files, request: PathRequest| {
+        let path = SandboxPath::resolve(&request.path)?;
+        if path.is_root() {
             return Err(ConnectError::new(
                 Code::InvalidArgument,
-                format!("{} is the home directory; remove what is in it instead", path.shown),
+                format!("{} cannot be removed; remove what is in it instead", path.shown),
             ));
         }
+        let dir = files.dir(&path)?;
         let metadata =
             dir.symlink_metadata(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
         let removed = if metadata.is_dir() {
@@ -287,39 +317,46 @@ impl Watchers {
     }
 }
 
-/// A watch on a directory of the sandbox: the watcher and the host directory it watches.
-fn watch(
+/// A watch on a directory of the sandbox (of its workspace, or of its native `/tmp`).
+async fn watch(
+    app: &App,
     live: &LiveSandbox,
     request: &WatchRequest,
     on_event: impl Fn(Value) + Send + 'static,
 ) -> Result<RecommendedWatcher, ConnectError> {
-    let path = HomePath::resolve(&request.path)?;
-    let dir = workspace(&live.sandbox)?;
-    dir.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
-    let root =
-        live.sandbox.workspace().canonicalize().map_err(|e| PathError::io(&path.shown, &e))?;
-    let watched =
-        root.join(&path.relative).canonicalize().map_err(|e| PathError::io(&path.shown, &e))?;
-    if !watched.starts_with(&root) {
-        return Err(PathError::new(
-            PathErrorKind::Denied,
-            format!("{}: leads outside the sandbox's files", path.shown),
-        )
-        .into());
-    }
+    let path = SandboxPath::resolve(&request.path)?;
+    let tmp = match path.area {
+        Area::Home => None,
+        Area::Tmp => Some(super::native_tmp(app, live).await?),
+    };
+    let files = SandboxFiles::with_tmp(&live.sandbox, tmp)?;
+    files.dir(&path)?.open_dir(&path.relative).map_err(|e| PathError::io(&path.shown, &e))?;
+    let watched = match path.area {
+        Area::Home => {
+            let failed = |e: std::io::Error| PathError::io(&path.shown, &e);
+            let root = live.sandbox.workspace().canonicalize().map_err(failed)?;
+            let watched = root.join(&path.relative).canonicalize().map_err(failed)?;
+            if !watched.starts_with(&root) {
+                let message = format!("{}: leads outside the sandbox's files", path.shown);
+                return Err(PathError::new(PathErrorKind::Denied, message).into());
+            }
+            watched
+        }
+        // The native /tmp is reached through the descriptor of its directory (in the
+        // sandbox's mount namespace), which the watcher keeps open.
+        Area::Tmp => files.tmp_descriptor_path()?.join(&path.relative),
+    };
     let include_entry = request.include_entry;
     let shown = path.clone();
+    let prefix = watched.clone();
     let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let Some(kind) = event_type(event.kind) else { return };
         for changed in &event.paths {
-            let Ok(name) = changed.strip_prefix(&watched) else { continue };
+            let Ok(name) = changed.strip_prefix(&prefix) else { continue };
             let Some(name) = name.to_str().filter(|n| !n.is_empty()) else { continue };
             let mut message = json!({ "name": name, "type": kind });
-            if include_entry
-                && let Ok(dir) = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
-                && let Ok(info) = entry_info(&dir, &shown.join(name))
-            {
+            if include_entry && let Ok(info) = entry_info(&files, &shown.join(name)) {
                 message["entry"] = json!(info);
             }
             on_event(message);
@@ -329,9 +366,8 @@ fn watch(
         .map_err(|e| ConnectError::new(Code::Internal, format!("watching: {e}")))?;
     let mode =
         if request.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
-    let host_dir: PathBuf = live.sandbox.workspace().join(&path.relative);
     watcher
-        .watch(&host_dir, mode)
+        .watch(&watched, mode)
         .map_err(|e| ConnectError::new(Code::Internal, format!("watching {}: {e}", path.shown)))?;
     Ok(watcher)
 }
@@ -349,6 +385,7 @@ fn event_type(kind: EventKind) -> Option<&'static str> {
 }
 
 async fn watch_dir(
+    State(app): State<App>,
     Extension(live): Extension<LiveSandbox>,
     headers: HeaderMap,
     CallBody(body): CallBody,
@@ -358,9 +395,11 @@ async fn watch_dir(
         Err(error) => return stream_error(error),
     };
     let (events, mut received) = mpsc::channel::<Value>(MAX_PENDING_EVENTS);
-    let watcher = match watch(&live, &request, move |event| {
+    let watcher = match watch(&app, &live, &request, move |event| {
         let _ = events.try_send(event);
-    }) {
+    })
+    .await
+    {
         Ok(watcher) => watcher,
         Err(error) => return stream_error(error),
     };
@@ -394,7 +433,7 @@ async fn create_watcher(
     headers: HeaderMap,
     CallBody(body): CallBody,
 ) -> Response {
-    let result = (|| {
+    let result = async {
         let request: WatchRequest = request_message(&headers, &body)?;
         let watchers = app.watchers();
         watchers.prune(&app);
@@ -409,16 +448,18 @@ async fn create_watcher(
         }
         let events = Arc::new(Mutex::new(Vec::new()));
         let pending = Arc::clone(&events);
-        let watcher = watch(&live, &request, move |event| {
+        let watcher = watch(&app, &live, &request, move |event| {
             let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
             if pending.len() < MAX_PENDING_EVENTS {
                 pending.push(event);
             }
-        })?;
+        })
+        .await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         watchers.lock().insert(id.clone(), PolledWatcher { sandbox, _watcher: watcher, events });
-        Ok(json!({ "watcherId": id }))
-    })();
+        Ok::<_, ConnectError>(json!({ "watcherId": id }))
+    }
+    .await;
     match result {
         Ok(message) => unary(&message),
         Err(error) => error_for(&headers, error),

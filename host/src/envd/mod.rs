@@ -76,6 +76,28 @@ pub(crate) struct LiveSandbox {
     pub(crate) processes: Arc<ProcessTable>,
 }
 
+/// The sandbox's files for a call running on a blocking thread (see [`paths`]).
+pub(crate) fn sandbox_files(
+    app: &App,
+    live: &LiveSandbox,
+) -> Result<paths::SandboxFiles, paths::PathError> {
+    let runtime = tokio::runtime::Handle::current();
+    let (app, tmp_live) = (app.clone(), live.clone());
+    paths::SandboxFiles::open(&live.sandbox, move || runtime.block_on(native_tmp(&app, &tmp_live)))
+}
+
+/// The native sandbox's `/tmp` (the native sandbox started if it is not running).
+pub(crate) async fn native_tmp(
+    app: &App,
+    live: &LiveSandbox,
+) -> Result<paths::NativeTmp, paths::PathError> {
+    let unavailable = |message: String| {
+        paths::PathError::new(paths::PathErrorKind::Internal, format!("{}: {message}", paths::TMP))
+    };
+    let (dir, owner) = app.native_tmp(&live.sandbox).await.map_err(unavailable)?;
+    Ok(paths::NativeTmp { dir, owner })
+}
+
 /// The routers of the data plane, built once.
 #[derive(Clone)]
 pub(crate) struct DataPlane {

@@ -150,6 +150,50 @@ struct NewSandbox {
     env_vars: BTreeMap<String, String>,
     #[serde(default)]
     auto_pause: bool,
+    #[serde(default)]
+    auto_resume: Option<AutoResume>,
+    /// Snake case, as the SDK sends it.
+    #[serde(default, rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    #[serde(default)]
+    network: Option<serde_json::Value>,
+    #[serde(default)]
+    mcp: Option<serde_json::Value>,
+    #[serde(default)]
+    volume_mounts: Option<Vec<serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AutoResume {
+    #[serde(default)]
+    enabled: bool,
+}
+
+impl NewSandbox {
+    /// Refuses what the request asks for and SoulBox cannot give, rather than ignore it.
+    fn check_supported(&self) -> Result<(), E2bError> {
+        let refuse = |what: &str| {
+            Err(E2bError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{what} is not supported by this server: create the sandbox without it"),
+            ))
+        };
+        if self.allow_internet_access == Some(true) {
+            return refuse(
+                "`allow_internet_access: true` (sandboxes here have loopback only, no internet)",
+            );
+        }
+        if self.network.is_some() {
+            return refuse("`network` (egress rules)");
+        }
+        if self.mcp.is_some() {
+            return refuse("`mcp` (the MCP gateway)");
+        }
+        if self.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
+            return refuse("`volumeMounts`");
+        }
+        Ok(())
+    }
 }
 
 /// The fields every sandbox answer starts with.
@@ -233,7 +277,7 @@ impl From<&SandboxRecord> for SandboxInfo {
             },
             metadata: record.metadata.clone(),
             lifecycle: json!({
-                "autoResume": false,
+                "autoResume": record.auto_resume,
                 "onTimeout": match record.on_timeout {
                     OnTimeout::Kill => "kill",
                     OnTimeout::Pause => "pause",
@@ -248,6 +292,7 @@ impl From<&SandboxRecord> for SandboxInfo {
 async fn create(State(app): State<App>, E2bBody(bytes): E2bBody) -> Result<Response, E2bError> {
     let manager = manager(&app)?;
     let request: NewSandbox = body(&bytes)?;
+    request.check_supported()?;
     let Some((_, tier)) = TEMPLATES.iter().find(|(name, _)| *name == request.template_id) else {
         let known = TEMPLATES.map(|(name, _)| name).join(", ");
         let message = format!("template '{}' not found (templates: {known})", request.template_id);
@@ -259,6 +304,7 @@ async fn create(State(app): State<App>, E2bBody(bytes): E2bBody) -> Result<Respo
     create.env = request.env_vars;
     create.tier = *tier;
     create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
+    create.auto_resume = request.auto_resume.is_some_and(|a| a.enabled);
     let record = manager.create(create)?;
     Ok(sandbox_answer(StatusCode::CREATED, &record))
 }

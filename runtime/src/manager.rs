@@ -85,6 +85,12 @@ pub struct SandboxRecord {
     /// The secret a client shows to reach the sandbox's data plane (E2B's envd access token).
     #[serde(default)]
     pub access_token: String,
+    /// Whether traffic to it while paused resumes it (E2B's auto-resume).
+    #[serde(default)]
+    pub auto_resume: bool,
+    /// The lifetime it was created with, in milliseconds; an auto-resume gives it again.
+    #[serde(default)]
+    pub lifetime_ms: u64,
 }
 
 /// How to make a sandbox. The defaults are closed: no environment, default limits, five
@@ -105,6 +111,8 @@ pub struct CreateSandbox {
     pub tier: TierPreference,
     /// What happens at the deadline.
     pub on_timeout: OnTimeout,
+    /// Whether traffic to it while paused resumes it.
+    pub auto_resume: bool,
 }
 
 impl CreateSandbox {
@@ -118,6 +126,7 @@ impl CreateSandbox {
             limits: Limits::default(),
             tier: TierPreference::Auto,
             on_timeout: OnTimeout::Kill,
+            auto_resume: false,
         }
     }
 }
@@ -333,6 +342,8 @@ impl SandboxManager {
                 uuid::Uuid::new_v4().simple(),
                 uuid::Uuid::new_v4().simple()
             ),
+            auto_resume: request.auto_resume,
+            lifetime_ms: u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX),
         };
         if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
             let _ = sandbox.remove_files();
@@ -495,6 +506,14 @@ impl SandboxManager {
             r.state = SandboxState::Running;
             r.end_at_ms = deadline_ms(timeout);
         })
+    }
+
+    /// A sandbox's own lifetime (what it was created with), for an auto-resume.
+    pub fn lifetime(record: &SandboxRecord) -> Duration {
+        match record.lifetime_ms {
+            0 => DEFAULT_SANDBOX_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     /// E2B's connect: a paused sandbox is resumed (`true`), a running one has its deadline

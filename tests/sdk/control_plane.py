@@ -3,9 +3,10 @@ metadata filter, set_timeout, pause, connect, kill). Run by tests/all/e2b_sdk.rs
 E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the server."""
 
 import asyncio
+import datetime
 import os
 
-from e2b import AsyncSandbox, Sandbox, SandboxQuery
+from e2b import AsyncSandbox, Sandbox, SandboxException, SandboxQuery
 
 
 def sync_sdk():
@@ -28,6 +29,25 @@ def sync_sdk():
 
     assert sandbox.kill() is True
     assert Sandbox.kill(sandbox.sandbox_id) is False
+
+    # Auto-resume: traffic to a paused sandbox resumes it, for its own lifetime.
+    resuming = Sandbox.create(timeout=90, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    assert resuming.get_info().lifecycle["auto_resume"] is True, resuming.get_info()
+    assert resuming.pause() is True
+    assert Sandbox.get_info(resuming.sandbox_id).state == "paused"
+    assert resuming.commands.run("echo awake").stdout == "awake\n"
+    info = resuming.get_info()
+    assert info.state == "running", info
+    assert 85 <= (info.end_at - datetime.datetime.now(datetime.timezone.utc)).total_seconds() <= 91, info
+    assert resuming.kill() is True
+
+    # What this server cannot give is refused, not ignored.
+    try:
+        Sandbox.create(allow_internet_access=True)
+    except SandboxException as e:
+        assert "allow_internet_access" in str(e), e
+    else:
+        raise AssertionError("a sandbox with internet access was created")
 
 
 async def async_sdk():

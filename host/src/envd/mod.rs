@@ -9,7 +9,8 @@
 //!
 //! Every data-plane request shows the sandbox's access token (`X-Access-Token`), or, for
 //! `/files`, a valid signature — but `GET /health` and the code interpreter's `/contexts`
-//! calls, which the SDKs send without it. An unknown, paused or killed
+//! calls, which the SDKs send without it. A paused sandbox created with auto-resume resumes
+//! on its first data-plane request, for the lifetime it was created with. An unknown, paused or killed
 //! sandbox answers 502 "sandbox was not found", as E2B's edge proxy does.
 
 mod connect;
@@ -181,6 +182,16 @@ pub(crate) async fn route(
     let Some(manager) = plane.app.manager() else {
         return sandbox_not_found(&target.sandbox_id);
     };
+    // A paused sandbox created with auto-resume resumes on its first traffic.
+    if let Ok(record) = manager.get(&target.sandbox_id)
+        && record.state == soulbox_runtime::SandboxState::Paused
+        && record.auto_resume
+    {
+        let lifetime = soulbox_runtime::SandboxManager::lifetime(&record);
+        if let Err(e) = manager.resume(&target.sandbox_id, lifetime).await {
+            tracing::warn!(sandbox = %target.sandbox_id, error = %e, "auto-resume");
+        }
+    }
     let live = match manager.get(&target.sandbox_id).and_then(|record| {
         let (sandbox, processes) = manager.processes(&target.sandbox_id)?;
         Ok(LiveSandbox { record, sandbox, processes })

@@ -206,6 +206,15 @@ def check_commands_and_files(sandbox):
     assert sandbox.files.read("/home/user/g.txt") == "from python"
 
 
+def check_metrics(sandbox):
+    """A WASM sandbox's metrics count its kernels' memory and the time its cells ran."""
+    [before] = sandbox.get_metrics()
+    ok_run(sandbox, "import time\nend = time.time() + 1\nwhile time.time() < end: pass")
+    [after] = sandbox.get_metrics()
+    assert after.mem_used > 16 << 20, after
+    assert after.cpu_used_pct > 20, (before, after)
+
+
 def sync_sdk():
     sandbox = Sandbox.create(timeout=300)
     try:
@@ -219,6 +228,7 @@ def sync_sdk():
         check_javascript(sandbox)
         check_envs(sandbox)
         check_commands_and_files(sandbox)
+        check_metrics(sandbox)
     except BaseException:
         quiet_kill(sandbox)
         raise

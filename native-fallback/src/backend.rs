@@ -4,6 +4,7 @@
 //! private `/tmp`, compiled there when the language needs it, and run in `/home/user`.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -14,16 +15,17 @@ use bytes::Bytes;
 use nix::sys::signal::Signal;
 use soulbox_runtime::{
     Backend, BackendError, BackendOutcome, EventSink, ExecEvent, ExecKind, ExecRequest, GuestError,
-    Language, LanguageStatus, LanguageSupport, Limits, OutputStream, ProcessEnd, ProcessError,
-    ProcessRequest, ProcessSignal, ProcessSignaller, ResourceUsage, Sandbox, SandboxId,
-    SandboxUser, SpawnedProcess, Termination, Tier,
+    Language, LanguageStatus, LanguageSupport, Limits, OutputStream, ProcessControl, ProcessEnd,
+    ProcessError, ProcessRequest, ProcessSignal, ResourceUsage, Sandbox, SandboxId, SandboxUser,
+    SpawnedProcess, TerminalSize, Termination, Tier,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use crate::rootfs::{ROOT_HOME, SANDBOX_HOME};
 use crate::{
-    ExitStatus, NativeError, NativeProcess, NativeSandbox, NativeTier, ProcessId, ProcessSpec,
+    ExitStatus, NativeError, NativeProcess, NativeSandbox, NativeTier, ProcessExit, ProcessId,
+    ProcessSpec, TerminalProcess, set_terminal_size,
 };
 
 /// How long output is still read after a command exits, for what a background process
@@ -281,6 +283,16 @@ impl NativeBackend {
             cwd: request.cwd.clone().unwrap_or_else(|| SANDBOX_HOME.to_owned()),
             user: request.user,
         };
+        if let Some(size) = request.terminal {
+            let process = match native.spawn_terminal(spec, size.cols, size.rows).await {
+                Ok(process) => process,
+                Err(NativeError::Spawn { message, .. }) => {
+                    return Err(ProcessError::Invalid(message));
+                }
+                Err(e) => return Err(failed(e)),
+            };
+            return terminal_process(&native, process);
+        }
         let mut process = match native.spawn(spec).await {
             Ok(process) => process,
             Err(NativeError::Spawn { message, .. }) => return Err(ProcessError::Invalid(message)),
@@ -288,23 +300,21 @@ impl NativeBackend {
         };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
         let stdin = process.stdin.take().filter(|_| request.stdin);
-        let signaller =
-            Arc::new(NativeSignaller { native: Arc::downgrade(&native), id: process.id() });
-        let NativeProcess { stdout, stderr, mut exit, .. } = process;
+        let control = Arc::new(NativeControl {
+            native: Arc::downgrade(&native),
+            id: process.id(),
+            pid,
+            terminal: None,
+        });
+        let NativeProcess { stdout, stderr, exit, .. } = process;
         Ok(SpawnedProcess {
             pid,
             stdin: stdin
                 .map(|pipe| Box::new(pipe) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
             stdout: Box::new(stdout),
             stderr: Box::new(stderr),
-            exit: Box::pin(async move {
-                match exit.wait().await {
-                    Ok(ExitStatus::Code(code)) => ProcessEnd::Exited(code),
-                    Ok(ExitStatus::Signal(signal)) => ProcessEnd::Signalled(signal),
-                    Err(_) => ProcessEnd::Lost,
-                }
-            }),
-            signaller,
+            exit: process_end(exit),
+            control,
         })
     }
 
@@ -569,14 +579,62 @@ impl Run<'_> {
     }
 }
 
-/// Signals a long-lived process; the sandbox may have gone meanwhile.
-struct NativeSignaller {
+/// A long-lived process on a terminal, for the runtime's process table: the terminal's
+/// output is its standard output, its input the terminal's.
+fn terminal_process(
+    native: &Arc<NativeSandbox>,
+    process: TerminalProcess,
+) -> Result<SpawnedProcess, ProcessError> {
+    let pid = u32::try_from(process.pid()).unwrap_or_default();
+    let failed = |e: std::io::Error| {
+        ProcessError::Backend(BackendError {
+            tier: Tier::Native,
+            message: format!("the terminal: {e}"),
+        })
+    };
+    let id = process.id();
+    let TerminalProcess { master, exit, .. } = process;
+    let reader =
+        tokio::fs::File::from_std(std::fs::File::from(master.try_clone().map_err(failed)?));
+    let writer =
+        tokio::fs::File::from_std(std::fs::File::from(master.try_clone().map_err(failed)?));
+    let control =
+        Arc::new(NativeControl { native: Arc::downgrade(native), id, pid, terminal: Some(master) });
+    Ok(SpawnedProcess {
+        pid,
+        stdin: Some(Box::new(writer)),
+        stdout: Box::new(reader),
+        stderr: Box::new(tokio::io::empty()),
+        exit: process_end(exit),
+        control,
+    })
+}
+
+/// How a process ended, as the runtime reports it.
+fn process_end(
+    mut exit: ProcessExit,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ProcessEnd> + Send>> {
+    Box::pin(async move {
+        match exit.wait().await {
+            Ok(ExitStatus::Code(code)) => ProcessEnd::Exited(code),
+            Ok(ExitStatus::Signal(signal)) => ProcessEnd::Signalled(signal),
+            Err(_) => ProcessEnd::Lost,
+        }
+    })
+}
+
+/// Signals a long-lived process and resizes its terminal; the sandbox may have gone
+/// meanwhile.
+struct NativeControl {
     native: Weak<NativeSandbox>,
     id: ProcessId,
+    pid: u32,
+    /// The master of its terminal, if it has one.
+    terminal: Option<OwnedFd>,
 }
 
 #[async_trait]
-impl ProcessSignaller for NativeSignaller {
+impl ProcessControl for NativeControl {
     async fn signal(&self, signal: ProcessSignal) -> Result<(), BackendError> {
         let Some(native) = self.native.upgrade() else { return Ok(()) };
         let signal = match signal {
@@ -584,6 +642,12 @@ impl ProcessSignaller for NativeSignaller {
             ProcessSignal::Kill => Signal::SIGKILL,
         };
         native.signal(self.id, signal).await.map_err(backend_error)
+    }
+
+    fn resize(&self, size: TerminalSize) -> Result<(), ProcessError> {
+        let master = self.terminal.as_ref().ok_or(ProcessError::NoTerminal(self.pid))?;
+        set_terminal_size(master.as_fd(), size.cols, size.rows)
+            .map_err(|e| ProcessError::Backend(backend_error(e)))
     }
 }
 

@@ -125,7 +125,10 @@ pub use rootfs::{
     SANDBOX_UID_BASE,
 };
 use sandbox::PreparedSandbox;
-pub use sandbox::{NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec};
+pub use sandbox::{
+    NativeProcess, NativeSandbox, ProcessExit, ProcessId, ProcessSpec, TerminalProcess,
+    set_terminal_size,
+};
 use seccomp::{SeccompError, SeccompFilters};
 pub use workspace::{DEFAULT_EPHEMERAL_WORKSPACE_BYTES, WorkspaceLimit};
 

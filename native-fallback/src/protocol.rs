@@ -176,4 +176,8 @@ pub(crate) struct SpawnRequest {
     pub(crate) uid: u32,
     /// Its group.
     pub(crate) gid: u32,
+    /// Whether its standard streams are a terminal that becomes its controlling terminal (in
+    /// a new session).
+    #[serde(default)]
+    pub(crate) terminal: bool,
 }

@@ -11,7 +11,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::waitpid;
-use nix::unistd::{Pid, pipe2};
+use nix::unistd::{Gid, Pid, Uid, pipe2, setfsgid, setfsuid};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
@@ -198,11 +198,58 @@ impl NativeSandbox {
 
     /// Starts a process; its standard streams are pipes to the host.
     pub async fn spawn(&self, spec: ProcessSpec) -> Result<NativeProcess, NativeError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pipe_error = |e| NativeError::host(SetupStep::Pipes, e);
         let (stdin_read, stdin_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
         let (stdout_read, stdout_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
         let (stderr_read, stderr_write) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
+        let fds = [stdin_read, stdout_write, stderr_write];
+        let (id, pid, exit) = self.start(spec, false, fds).await?;
+        Ok(NativeProcess {
+            id,
+            pid,
+            stdin: Some(sender(stdin_write).map_err(pipe_error)?),
+            stdout: receiver(stdout_read).map_err(pipe_error)?,
+            stderr: receiver(stderr_read).map_err(pipe_error)?,
+            exit,
+        })
+    }
+
+    /// Starts a process on a new pseudo-terminal of the sandbox's own devpts, `cols` by
+    /// `rows`, as its controlling terminal (in a session of its own); the host keeps the
+    /// terminal's master.
+    pub async fn spawn_terminal(
+        &self,
+        spec: ProcessSpec,
+        cols: u16,
+        rows: u16,
+    ) -> Result<TerminalProcess, NativeError> {
+        let pty_error = |e| NativeError::host(SetupStep::Pipes, e);
+        let ptmx = std::path::PathBuf::from(format!("/proc/{}/root/dev/ptmx", self.init));
+        // Made as the user who will own it, so that its slave belongs to that user inside.
+        let owner = sandbox_host_id(spec.user);
+        let (master, slave) = {
+            let previous_gid = setfsgid(Gid::from_raw(owner));
+            let previous_uid = setfsuid(Uid::from_raw(owner));
+            let opened = crate::sys::pty::open_pty(&ptmx);
+            setfsuid(previous_uid);
+            setfsgid(previous_gid);
+            opened.map_err(pty_error)?
+        };
+        crate::sys::pty::set_window_size(master.as_fd(), cols, rows).map_err(pty_error)?;
+        let copies = [slave.try_clone(), slave.try_clone()];
+        let [Ok(out), Ok(err)] = copies else { return Err(pty_error(nix::Error::EMFILE)) };
+        let (id, pid, exit) = self.start(spec, true, [slave, out, err]).await?;
+        Ok(TerminalProcess { id, pid, master, exit })
+    }
+
+    /// Has init start `spec` with `fds` as its standard streams.
+    async fn start(
+        &self,
+        spec: ProcessSpec,
+        terminal: bool,
+        fds: [OwnedFd; 3],
+    ) -> Result<(u64, i32, ProcessExit), NativeError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
         self.shared
@@ -219,10 +266,11 @@ impl NativeSandbox {
             cwd: spec.cwd,
             uid,
             gid: uid,
+            terminal,
         };
-        let fds = [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()];
-        let sent = self.control.send(&HostMessage::Spawn(request), &fds).await;
-        drop((stdin_read, stdout_write, stderr_write));
+        let borrowed = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
+        let sent = self.control.send(&HostMessage::Spawn(request), &borrowed).await;
+        drop(fds);
         if let Err(e) = sent {
             self.shared.lock().remove(&id);
             // A request too large for one message is the caller's; any other failure to send
@@ -237,22 +285,14 @@ impl NativeSandbox {
             }
             return Err(NativeError::SandboxEnded);
         }
-        let pid = match started_rx.await {
-            Ok(Ok(pid)) => pid,
+        match started_rx.await {
+            Ok(Ok(pid)) => Ok((id, pid, ProcessExit(exited_rx))),
             Ok(Err((errno, message))) => {
                 self.shared.lock().remove(&id);
-                return Err(NativeError::Spawn { errno, message });
+                Err(NativeError::Spawn { errno, message })
             }
-            Err(_) => return Err(NativeError::SandboxEnded),
-        };
-        Ok(NativeProcess {
-            id,
-            pid,
-            stdin: Some(sender(stdin_write).map_err(pipe_error)?),
-            stdout: receiver(stdout_read).map_err(pipe_error)?,
-            stderr: receiver(stderr_read).map_err(pipe_error)?,
-            exit: ProcessExit(exited_rx),
-        })
+            Err(_) => Err(NativeError::SandboxEnded),
+        }
     }
 
     /// Sends `signal` to the process group of `process`.
@@ -374,6 +414,44 @@ impl NativeProcess {
     /// Its pid inside the sandbox.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+}
+
+/// A process running on a pseudo-terminal of its sandbox.
+#[derive(Debug)]
+pub struct TerminalProcess {
+    id: u64,
+    pid: i32,
+    /// The terminal's master: what the process writes is read here, and what is written here
+    /// is its input.
+    pub master: OwnedFd,
+    /// Its end.
+    pub exit: ProcessExit,
+}
+
+impl TerminalProcess {
+    /// Its handle for signals.
+    pub fn id(&self) -> ProcessId {
+        ProcessId(self.id)
+    }
+
+    /// Its pid inside the sandbox.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+/// Sets the window size of a terminal from its master (a [`TerminalProcess::master`]).
+pub fn set_terminal_size(master: BorrowedFd<'_>, cols: u16, rows: u16) -> Result<(), NativeError> {
+    crate::sys::pty::set_window_size(master, cols, rows)
+        .map_err(|e| NativeError::host(SetupStep::Pipes, e))
+}
+
+/// The host id of a sandbox user.
+fn sandbox_host_id(user: SandboxUser) -> u32 {
+    match user {
+        SandboxUser::User => SANDBOX_UID_BASE + SANDBOX_UID,
+        SandboxUser::Root => SANDBOX_UID_BASE,
     }
 }
 

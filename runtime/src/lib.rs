@@ -43,8 +43,9 @@ pub use manager::{
     SandboxState,
 };
 pub use process::{
-    ProcessEnd, ProcessError, ProcessEvent, ProcessFollower, ProcessInfo, ProcessRequest,
-    ProcessSignal, ProcessSignaller, ProcessTable, SandboxUser, SpawnedProcess,
+    MAX_TERMINAL_CELLS, ProcessControl, ProcessEnd, ProcessError, ProcessEvent, ProcessFollower,
+    ProcessInfo, ProcessRequest, ProcessSignal, ProcessTable, SandboxUser, SpawnedProcess,
+    TerminalSize,
 };
 pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
 pub use store::{Store, StoreError};

@@ -77,6 +77,34 @@ pub struct ProcessRequest {
     pub timeout: Option<Duration>,
     /// A caller's label.
     pub tag: Option<String>,
+    /// Run it on a pseudo-terminal of this size (its output then comes as standard output,
+    /// and its input goes to the terminal).
+    pub terminal: Option<TerminalSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
+/// The largest terminal side accepted, in cells.
+pub const MAX_TERMINAL_CELLS: u16 = 2000;
+
+impl TerminalSize {
+    /// A size, if both sides are between 1 and [`MAX_TERMINAL_CELLS`].
+    pub fn new(cols: u32, rows: u32) -> Result<Self, ProcessError> {
+        let side = |n: u32| u16::try_from(n).ok().filter(|n| (1..=MAX_TERMINAL_CELLS).contains(n));
+        match (side(cols), side(rows)) {
+            (Some(cols), Some(rows)) => Ok(Self { cols, rows }),
+            _ => Err(ProcessError::Invalid(format!(
+                "a terminal of {cols}x{rows}: each side takes 1 to {MAX_TERMINAL_CELLS} cells"
+            ))),
+        }
+    }
 }
 
 /// A process as listed.
@@ -119,11 +147,14 @@ pub enum ProcessEvent {
     End(ProcessEnd),
 }
 
-/// Delivers signals to a started process; given by the backend that started it.
+/// Controls a started process; given by the backend that started it.
 #[async_trait]
-pub trait ProcessSignaller: Send + Sync {
+pub trait ProcessControl: Send + Sync {
     /// Sends `signal` to the process (and what it started).
     async fn signal(&self, signal: ProcessSignal) -> Result<(), BackendError>;
+
+    /// Resizes the process's terminal; an error for a process without one.
+    fn resize(&self, size: TerminalSize) -> Result<(), ProcessError>;
 }
 
 /// A process a backend has started, handed to the [`ProcessTable`].
@@ -138,8 +169,8 @@ pub struct SpawnedProcess {
     pub stderr: Box<dyn AsyncRead + Send + Unpin>,
     /// Completes when it ends.
     pub exit: Pin<Box<dyn Future<Output = ProcessEnd> + Send>>,
-    /// Its signals.
-    pub signaller: Arc<dyn ProcessSignaller>,
+    /// Its signals and terminal.
+    pub control: Arc<dyn ProcessControl>,
 }
 
 impl fmt::Debug for SpawnedProcess {
@@ -169,6 +200,9 @@ pub enum ProcessError {
         /// What failed.
         message: String,
     },
+    /// The process has no terminal to resize.
+    #[error("process {0} has no terminal (start it with a PTY)")]
+    NoTerminal(u32),
     /// No tier here runs processes.
     #[error("{0}")]
     Unavailable(String),
@@ -184,7 +218,7 @@ struct Live {
     stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
     /// Its followers; `None` once it has ended (nobody can attach any more).
     followers: Mutex<Option<Vec<mpsc::Sender<ProcessEvent>>>>,
-    signaller: Arc<dyn ProcessSignaller>,
+    control: Arc<dyn ProcessControl>,
 }
 
 impl Live {
@@ -254,14 +288,14 @@ impl ProcessTable {
         request: ProcessRequest,
     ) -> Result<(u32, ProcessFollower), ProcessError> {
         let spawned = dispatcher.spawn(sandbox, &request).await?;
-        let SpawnedProcess { pid, stdin, stdout, stderr, exit, signaller } = spawned;
+        let SpawnedProcess { pid, stdin, stdout, stderr, exit, control } = spawned;
         let timeout = request.timeout;
         let live = Arc::new(Live {
             pid,
             request,
             stdin: tokio::sync::Mutex::new(stdin),
             followers: Mutex::new(Some(Vec::new())),
-            signaller,
+            control,
         });
         let follower = live.follow().ok_or(ProcessError::NotFound(pid))?;
         self.lock().insert(pid, Arc::clone(&live));
@@ -307,7 +341,12 @@ impl ProcessTable {
     /// Sends a signal to the process.
     pub async fn signal(&self, pid: u32, signal: ProcessSignal) -> Result<(), ProcessError> {
         let live = self.live(pid)?;
-        Ok(live.signaller.signal(signal).await?)
+        Ok(live.control.signal(signal).await?)
+    }
+
+    /// Resizes the process's terminal.
+    pub fn resize(&self, pid: u32, size: TerminalSize) -> Result<(), ProcessError> {
+        self.live(pid)?.control.resize(size)
     }
 
     /// Forgets every process (the sandbox is going away; its tier ends them).
@@ -352,7 +391,7 @@ async fn pump(
             () = &mut grace, if end.is_some() => break,
             () = sleep_until(deadline), if end.is_none() && !killed_at_deadline => {
                 killed_at_deadline = true;
-                if let Err(e) = live.signaller.signal(ProcessSignal::Kill).await {
+                if let Err(e) = live.control.signal(ProcessSignal::Kill).await {
                     tracing::warn!(pid = live.pid, error = %e, "killing a process at its deadline");
                 }
             }

@@ -677,3 +677,87 @@ async fn the_files_api_reaches_the_native_tmp_as_the_sandbox_user() {
         Some("gone")
     );
 }
+
+#[tokio::test]
+async fn terminal_sizes_of_zero_or_absurd_are_refused() {
+    let (base, id, token, _data) = sandbox().await;
+    for (cols, rows) in [(0, 24), (80, 0), (5000, 24), (80, 70_000)] {
+        let message =
+            json!({"process": {"cmd": "/bin/bash"}, "pty": {"size": {"cols": cols, "rows": rows}}});
+        let body = serde_json::to_vec(&message).expect("json");
+        let mut envelope = vec![0u8];
+        envelope.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+        envelope.extend_from_slice(&body);
+        let (status, answer) = envd(
+            &base,
+            &id,
+            Some(&token),
+            "POST",
+            "/process.Process/Start",
+            "application/connect+json",
+            envelope,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let frames = envelopes(&answer);
+        assert_eq!(frames.len(), 1, "no process started: {frames:?}");
+        assert_eq!(frames[0].1["error"]["code"], "invalid_argument", "{cols}x{rows}: {frames:?}");
+    }
+    // A real terminal refuses a bad resize and takes a good one; a process without one has
+    // nothing to resize.
+    let message = json!({"process": {"cmd": "/bin/bash", "args": ["-c", "sleep 30"]}, "pty": {"size": {"cols": 80, "rows": 24}}});
+    let body = serde_json::to_vec(&message).expect("json");
+    let mut envelope = vec![0u8];
+    envelope.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+    envelope.extend_from_slice(&body);
+    let started = tokio::spawn({
+        let (base, id, token) = (base.clone(), id.clone(), token.clone());
+        async move {
+            envd(
+                &base,
+                &id,
+                Some(&token),
+                "POST",
+                "/process.Process/Start",
+                "application/connect+json",
+                envelope,
+            )
+            .await
+        }
+    });
+    let mut pid = None;
+    for _ in 0..100 {
+        let (_, listed) = rpc(&base, &id, &token, "/process.Process/List", json!({})).await;
+        pid = listed["processes"][0]["pid"].as_u64();
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = pid.expect("the terminal's process");
+    let resize = |cols: u32, rows: u32| json!({"process": {"pid": pid}, "pty": {"size": {"cols": cols, "rows": rows}}});
+    let (status, answer) = rpc(&base, &id, &token, "/process.Process/Update", resize(0, 0)).await;
+    assert_eq!((status, answer["code"].as_str()), (400, Some("invalid_argument")), "{answer}");
+    let (status, answer) =
+        rpc(&base, &id, &token, "/process.Process/Update", resize(120, 50)).await;
+    assert_eq!(status, 200, "{answer}");
+    rpc(
+        &base,
+        &id,
+        &token,
+        "/process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
+    )
+    .await;
+    started.await.expect("the stream ends");
+    let plain = start_and_leave(&base, &id, &token, "sleep 30").await;
+    let (status, answer) = rpc(
+        &base,
+        &id,
+        &token,
+        "/process.Process/Update",
+        json!({"process": {"pid": plain}, "pty": {"size": {"cols": 80, "rows": 24}}}),
+    )
+    .await;
+    assert_eq!((status, answer["code"].as_str()), (412, Some("failed_precondition")), "{answer}");
+}

@@ -5,6 +5,7 @@ E2B_API_KEY pointing at the server."""
 
 import asyncio
 import os
+import threading
 import time
 
 from e2b import (
@@ -17,6 +18,7 @@ from e2b import (
     SandboxQuery,
     TimeoutException,
 )
+from e2b.sandbox.commands.command_handle import PtySize
 
 TEMPLATE = "base"
 
@@ -248,6 +250,37 @@ def check_metrics(sandbox):
     assert holder.kill() is True
 
 
+def check_pty(sandbox):
+    """A terminal: typed input, its size and a resize, Ctrl-C of a running command, the exit."""
+    handle = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=30)
+    screen = bytearray()
+
+    def typing():
+        sandbox.pty.send_stdin(handle.pid, b"tty; stty size; echo $TERM\n")
+        time.sleep(0.5)
+        sandbox.pty.resize(handle.pid, PtySize(rows=40, cols=100))
+        sandbox.pty.send_stdin(handle.pid, b"stty size; sleep 100\n")
+        time.sleep(0.5)
+        sandbox.pty.send_stdin(handle.pid, b"\x03")  # Ctrl-C
+        time.sleep(0.3)
+        sandbox.pty.send_stdin(handle.pid, b"echo interrupted=$?; exit 3\n")
+
+    typist = threading.Thread(target=typing)
+    typist.start()
+    e = raises(CommandExitException, handle.wait, on_pty=screen.extend)
+    typist.join()
+    assert e.exit_code == 3, e
+    text = screen.decode(errors="replace")
+    for expected in ["/dev/pts/0", "24 80", "xterm-256color", "40 100", "^C", "interrupted=130"]:
+        assert expected in text, (expected, text)
+
+    # A second terminal, killed.
+    other = sandbox.pty.create(PtySize(rows=10, cols=10), timeout=30)
+    assert other.pid in pids(sandbox.commands.list())
+    assert sandbox.pty.kill(other.pid) is True
+    assert raises(CommandExitException, other.wait).exit_code == -1
+
+
 def check_wasm_first_templates():
     """A WASM-first template still runs commands: natively, on the same workspace."""
     for template in ("python", "javascript", "ruby"):
@@ -273,6 +306,7 @@ def sync_sdk():
         check_connect(sandbox)
         check_command_timeout(sandbox)
         check_metrics(sandbox)
+        check_pty(sandbox)
         sandbox = check_pause_resume(sandbox)
     except BaseException:
         quiet_kill(sandbox)

@@ -4,6 +4,9 @@
 //! and `Update` are unary (`StreamInput` a client stream). A client that leaves a stream only
 //! stops following: the process runs on until it ends, is signalled or reaches its deadline
 //! (`connect-timeout-ms` of its `Start`).
+//!
+//! A process may run on a pseudo-terminal (`Start` with `pty`): its output is `pty` data,
+//! `SendInput` with `pty` types into it, `Update` resizes it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use soulbox_runtime::{
     ProcessEnd, ProcessError, ProcessEvent, ProcessFollower, ProcessRequest, ProcessSignal,
-    SandboxUser,
+    SandboxUser, TerminalSize,
 };
 
 use super::LiveSandbox;
@@ -53,12 +56,32 @@ struct ProcessConfig {
     cwd: Option<String>,
 }
 
+/// A `PTY`: its size.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Pty {
+    size: PtySize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PtySize {
+    cols: u32,
+    rows: u32,
+}
+
+impl Pty {
+    fn size(&self) -> Result<TerminalSize, ConnectError> {
+        TerminalSize::new(self.size.cols, self.size.rows).map_err(process_error)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct StartRequest {
     #[serde(default)]
     process: ProcessConfig,
     #[serde(default)]
-    pty: Option<Value>,
+    pty: Option<Pty>,
     #[serde(default)]
     tag: Option<String>,
     #[serde(default)]
@@ -125,7 +148,9 @@ fn process_error(error: ProcessError) -> ConnectError {
     let code = match &error {
         ProcessError::Invalid(_) => Code::InvalidArgument,
         ProcessError::NotFound(_) => Code::NotFound,
-        ProcessError::StdinClosed(_) | ProcessError::Input { .. } => Code::FailedPrecondition,
+        ProcessError::StdinClosed(_) | ProcessError::Input { .. } | ProcessError::NoTerminal(_) => {
+            Code::FailedPrecondition
+        }
         ProcessError::Unavailable(_) => Code::Unimplemented,
         ProcessError::Backend(_) => Code::Internal,
     };
@@ -190,12 +215,7 @@ async fn start(
 ) -> Response {
     let prepared = (|| {
         let request: StartRequest = request_message(&headers, &body)?;
-        if request.pty.is_some() {
-            return Err(ConnectError::new(
-                Code::Unimplemented,
-                "PTY processes are not supported yet; start the process without `pty`",
-            ));
-        }
+        let terminal = request.pty.as_ref().map(Pty::size).transpose()?;
         if request.process.cmd.is_empty() {
             return Err(invalid("`process.cmd` is required"));
         }
@@ -209,18 +229,20 @@ async fn start(
             stdin: request.stdin.unwrap_or(true),
             timeout: timeout(&headers),
             tag: request.tag,
+            terminal,
         })
     })();
     let request = match prepared {
         Ok(request) => request,
         Err(error) => return stream_error(error),
     };
+    let terminal = request.terminal.is_some();
     let started = live.processes.start(app.dispatcher(), &live.sandbox, request).await;
     let (pid, follower) = match started {
         Ok(started) => started,
         Err(error) => return stream_error(process_error(error)),
     };
-    follow(pid, follower, keepalive(&headers))
+    follow(pid, terminal, follower, keepalive(&headers))
 }
 
 async fn connect(
@@ -232,24 +254,37 @@ async fn connect(
         .and_then(|request| live.select(&request.process))
         .and_then(|pid| Ok((pid, live.processes.connect(pid).map_err(process_error)?)));
     match followed {
-        Ok((pid, follower)) => follow(pid, follower, keepalive(&headers)),
+        Ok((pid, follower)) => {
+            let terminal =
+                live.processes.list().iter().any(|p| p.pid == pid && p.request.terminal.is_some());
+            follow(pid, terminal, follower, keepalive(&headers))
+        }
         Err(error) => stream_error(error),
     }
 }
 
 /// Streams a process's events to the client until the process ends or the client leaves.
-fn follow(pid: u32, follower: ProcessFollower, keepalive: Option<Duration>) -> Response {
+/// A terminal's output is `pty` data, as raw bytes.
+fn follow(
+    pid: u32,
+    terminal: bool,
+    follower: ProcessFollower,
+    keepalive: Option<Duration>,
+) -> Response {
     let (sender, response) = server_stream();
-    tokio::spawn(stream_events(sender, pid, follower, keepalive.unwrap_or(DEFAULT_KEEPALIVE)));
+    let keepalive = keepalive.unwrap_or(DEFAULT_KEEPALIVE);
+    tokio::spawn(stream_events(sender, pid, terminal, follower, keepalive));
     response
 }
 
 async fn stream_events(
     sender: StreamSender,
     pid: u32,
+    terminal: bool,
     mut follower: ProcessFollower,
     keepalive: Duration,
 ) {
+    let stdout_key = if terminal { "pty" } else { "stdout" };
     if !sender.send(&json!({ "event": { "start": { "pid": pid } } })).await {
         return;
     }
@@ -264,7 +299,7 @@ async fn stream_events(
         };
         let message = match event {
             Some(ProcessEvent::Stdout(bytes)) => {
-                json!({ "event": { "data": { "stdout": encode_bytes(&bytes) } } })
+                json!({ "event": { "data": { stdout_key: encode_bytes(&bytes) } } })
             }
             Some(ProcessEvent::Stderr(bytes)) => {
                 json!({ "event": { "data": { "stderr": encode_bytes(&bytes) } } })
@@ -357,10 +392,8 @@ async fn write_input(
     pid: u32,
     input: ProcessInput,
 ) -> Result<(), ConnectError> {
-    if input.pty.is_some() {
-        return Err(ConnectError::new(Code::Unimplemented, "PTY input is not supported yet"));
-    }
-    let Some(data) = input.stdin else { return Ok(()) };
+    // A terminal's input goes where standard input goes: to the terminal.
+    let Some(data) = input.stdin.or(input.pty) else { return Ok(()) };
     let data = decode_bytes(&data)?;
     live.processes.send_input(pid, &data).await.map_err(process_error)
 }
@@ -456,7 +489,7 @@ struct UpdateRequest {
     #[serde(default)]
     process: Selector,
     #[serde(default)]
-    pty: Option<Value>,
+    pty: Option<Pty>,
 }
 
 async fn update(
@@ -467,15 +500,10 @@ async fn update(
     let result = (|| {
         let request: UpdateRequest = request_message(&headers, &body)?;
         let pid = live.select(&request.process)?;
-        if !live.processes.list().iter().any(|p| p.pid == pid) {
-            return Err(process_error(ProcessError::NotFound(pid)));
-        }
         match request.pty {
-            Some(_) => Err(ConnectError::new(
-                Code::Unimplemented,
-                "PTY processes are not supported yet; there is no terminal to resize",
-            )),
-            None => Ok(()),
+            Some(pty) => live.processes.resize(pid, pty.size()?).map_err(process_error),
+            None if live.processes.list().iter().any(|p| p.pid == pid) => Ok(()),
+            None => Err(process_error(ProcessError::NotFound(pid))),
         }
     })();
     match result {

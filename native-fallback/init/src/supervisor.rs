@@ -96,8 +96,12 @@ fn spawn(control: &Control, processes: &Processes, request: SpawnRequest, fds: V
         .gid(request.gid)
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
-        .process_group(0);
+        .stderr(Stdio::from(stderr));
+    if request.terminal {
+        crate::sys::with_controlling_terminal(&mut command);
+    } else {
+        command.process_group(0);
+    }
     // Held across the spawn, so the reaper cannot report an exit before the host hears of
     // the start.
     let mut by_pid = processes.lock();

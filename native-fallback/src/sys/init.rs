@@ -73,3 +73,22 @@ pub(crate) fn forward_to_sandbox(signal: nix::sys::signal::Signal) -> nix::Resul
     // SAFETY: the handler only calls kill, which is async-signal-safe.
     unsafe { sigaction(signal, &action) }.map(drop)
 }
+
+/// Has the child of `command` start a new session with its standard input (a terminal) as
+/// its controlling terminal, as a login on a terminal does: job control and Ctrl-C then work.
+pub(crate) fn with_controlling_terminal(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure calls only setsid and ioctl, both
+    // async-signal-safe, and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

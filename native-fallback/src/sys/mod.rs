@@ -2,6 +2,7 @@
 //! block says why it is sound. (`init.rs` holds init's own and is compiled into init only.)
 
 pub(crate) mod mounts;
+pub(crate) mod pty;
 pub(crate) mod spawn;
 
 #[cfg(test)]

@@ -404,10 +404,10 @@ async fn signed_urls_stand_in_for_the_token_until_they_expire() {
 }
 
 /// Sends `Start` for a shell command and returns the pid from the first frame, then hangs up.
-async fn start_and_leave(base: &str, id: &str, token: &str, script: &str) -> u64 {
+async fn start_and_leave(base: &str, id: &str, token: &str, script: &str, stdin: bool) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let message = serde_json::to_vec(
-        &json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false}),
+        &json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": stdin}),
     )
     .expect("json");
     let mut envelope = vec![0u8];
@@ -452,6 +452,7 @@ async fn a_process_outlives_the_client_that_left_its_stream() {
         &id,
         &token,
         "sleep 1; echo finished > /home/user/left.txt; sleep 30",
+        false,
     )
     .await;
     let (status, listed) = rpc(&base, &id, &token, "/process.Process/List", json!({})).await;
@@ -750,7 +751,7 @@ async fn terminal_sizes_of_zero_or_absurd_are_refused() {
     )
     .await;
     started.await.expect("the stream ends");
-    let plain = start_and_leave(&base, &id, &token, "sleep 30").await;
+    let plain = start_and_leave(&base, &id, &token, "sleep 30", false).await;
     let (status, answer) = rpc(
         &base,
         &id,
@@ -760,4 +761,85 @@ async fn terminal_sizes_of_zero_or_absurd_are_refused() {
     )
     .await;
     assert_eq!((status, answer["code"].as_str()), (412, Some("failed_precondition")), "{answer}");
+}
+
+#[tokio::test]
+async fn watchers_per_sandbox_obeyed_and_violated() {
+    let (base, id, token, _data) = sandbox().await;
+    let watch = json!({"path": "/home/user"});
+    let mut ids = Vec::new();
+    for _ in 0..64 {
+        let (status, answer) =
+            rpc(&base, &id, &token, "/filesystem.Filesystem/CreateWatcher", watch.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+        ids.push(answer["watcherId"].as_str().expect("an id").to_owned());
+    }
+    let (status, answer) =
+        rpc(&base, &id, &token, "/filesystem.Filesystem/CreateWatcher", watch.clone()).await;
+    assert_eq!((status, answer["code"].as_str()), (429, Some("resource_exhausted")), "{answer}");
+    let (status, _) = rpc(
+        &base,
+        &id,
+        &token,
+        "/filesystem.Filesystem/RemoveWatcher",
+        json!({"watcherId": ids[0]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = rpc(&base, &id, &token, "/filesystem.Filesystem/CreateWatcher", watch).await;
+    assert_eq!(status, 200, "a removed watcher makes room");
+}
+
+#[tokio::test]
+async fn contexts_per_sandbox_obeyed_and_violated() {
+    let (base, id, token, _data) = sandbox().await;
+    let headers = [
+        ("e2b-sandbox-id", id.as_str()),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let url = format!("{base}/contexts");
+    let create =
+        || http_request_with("POST", &url, &headers, Some(br#"{"language":"python"}"#.to_vec()));
+
+    let mut first = String::new();
+    for n in 0..64 {
+        let (status, _, body) = create().await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        if n == 0 {
+            first = json_of(&body)["id"].as_str().expect("an id").to_owned();
+        }
+    }
+    let (status, _, body) = create().await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) =
+        http_request_with("DELETE", &format!("{base}/contexts/{first}"), &headers, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(create().await.0, 200, "a removed context makes room");
+}
+
+#[tokio::test]
+async fn call_size_obeyed() {
+    let (base, id, token, _data) = sandbox().await;
+    let pid = start_and_leave(&base, &id, &token, "wc -c > /home/user/count.txt", true).await;
+    let data = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 8 << 20]);
+    let message = json!({"process": {"pid": pid}, "input": {"stdin": data}});
+    let (status, answer) = rpc(&base, &id, &token, "/process.Process/SendInput", message).await;
+    assert_eq!(status, 200, "an 11 MiB call under the 16 MiB cap: {answer}");
+    let (status, _) =
+        rpc(&base, &id, &token, "/process.Process/CloseStdin", json!({"process": {"pid": pid}}))
+            .await;
+    assert_eq!(status, 200);
+    let mut count = Vec::new();
+    for _ in 0..100 {
+        let (status, body) =
+            envd(&base, &id, Some(&token), "GET", "/files?path=count.txt", "", vec![]).await;
+        if status == 200 && body.ends_with(b"\n") {
+            count = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(String::from_utf8_lossy(&count).trim(), (8 << 20).to_string());
 }

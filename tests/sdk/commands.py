@@ -232,17 +232,24 @@ def check_expiry():
 
 
 def check_metrics(sandbox):
-    """What the sandbox uses: memory held by a process, CPU of a busy loop, disk of a file."""
-    sandbox.get_metrics()  # the first sample starts the CPU interval
+    """What the sandbox uses: memory held by a process, CPU of some work, disk of a file."""
     holder = sandbox.commands.run(
-        "python3 -c 'import time; x = b\"x\" * (64 << 20); time.sleep(60)'", background=True
+        "python3 -c 'import time; x = b\"x\" * (64 << 20); open(\"/tmp/held\", \"w\"); time.sleep(60)'",
+        background=True,
     )
+    deadline = time.monotonic() + 30
+    while not sandbox.files.exists("/tmp/held"):
+        assert time.monotonic() < deadline, "the memory holder never started"
+        time.sleep(0.05)
     sandbox.files.write("/home/user/weight.bin", b"\0" * (4 << 20))
-    sandbox.commands.run("timeout 1 sh -c 'while :; do :; done' || true")
-    time.sleep(0.5)
+    sandbox.get_metrics()  # the first sample starts the CPU interval
+    began = time.monotonic()
+    # A fixed amount of work (about a second of CPU here), however busy the machine is.
+    sandbox.commands.run("python3 -c 'sum(range(200_000_000))'")
     [sample] = sandbox.get_metrics()
+    cpu_seconds = sample.cpu_used_pct / 100 * (time.monotonic() - began)
     assert sample.cpu_count == 1, sample
-    assert sample.cpu_used_pct > 20, sample
+    assert cpu_seconds > 0.5, (cpu_seconds, sample)
     assert sample.mem_used >= 64 << 20, sample
     assert sample.mem_total >= sample.mem_used, sample
     assert sample.disk_used >= 4 << 20, sample

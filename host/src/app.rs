@@ -20,6 +20,9 @@ pub struct App {
     /// The long-lived sandboxes, for a server ([`App::with_manager`]); a one-shot command
     /// has none (and does not lock the store).
     manager: Option<Arc<SandboxManager>>,
+    /// The API keys, kept beside the sandboxes' records (a server has them, as it has a
+    /// manager).
+    keys: Option<Arc<crate::auth::Keys>>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -107,6 +110,7 @@ impl App {
             dispatcher,
             tiers,
             manager: None,
+            keys: None,
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -135,6 +139,7 @@ impl App {
             .map_err(|e| anyhow::anyhow!("opening the sandboxes of {}: {e}", root.display()))?;
         let manager = Arc::new(manager);
         manager.spawn_reaper(REAPER_INTERVAL);
+        self.keys = Some(Arc::new(crate::auth::Keys::new(manager.store().clone())));
         self.manager = Some(manager);
         Ok(self)
     }
@@ -142,6 +147,11 @@ impl App {
     /// The sandbox manager, when this is a server.
     pub fn manager(&self) -> Option<&Arc<SandboxManager>> {
         self.manager.as_ref()
+    }
+
+    /// The API keys, when this is a server.
+    pub fn keys(&self) -> Option<&Arc<crate::auth::Keys>> {
+        self.keys.as_ref()
     }
 
     /// The polled directory watchers of the data plane.

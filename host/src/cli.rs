@@ -122,6 +122,10 @@ struct ServeArgs {
     /// Do not install missing language packs at start.
     #[arg(long)]
     no_install: bool,
+    /// An API key (`e2b_` and 40 hex digits) registered as an admin of the default team.
+    /// Without it, the first start makes one and prints it once.
+    #[arg(long, env = "SOULBOX_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -414,6 +418,24 @@ fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.rem_euclid(256)).unwrap_or(1))
 }
 
+/// Registers the admin key given at start, or makes the first one when there is none.
+fn bootstrap_keys(keys: &crate::auth::Keys, admin_key: Option<&str>) -> anyhow::Result<()> {
+    use crate::auth::{DEFAULT_TEAM, Role};
+    if let Some(key) = admin_key {
+        keys.register(key, DEFAULT_TEAM, Role::Admin, "SOULBOX_ADMIN_KEY")
+            .map_err(|e| anyhow::anyhow!("SOULBOX_ADMIN_KEY: {e}"))?;
+        return Ok(());
+    }
+    if keys.is_empty()? {
+        let (key, _) = keys.create(DEFAULT_TEAM, Role::Admin, "first start")?;
+        eprintln!(
+            "soulbox: made the first API key, an admin of team `{DEFAULT_TEAM}`; it is shown \
+             only now:\n\n    {key}\n\nexport E2B_API_KEY={key}   # for the E2B SDKs\n"
+        );
+    }
+    Ok(())
+}
+
 async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
@@ -432,6 +454,9 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+    if let Some(keys) = app.keys() {
+        bootstrap_keys(keys, args.admin_key.as_deref())?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, State};
+use axum::extract::{Extension, FromRequest, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ use soulbox_runtime::{
 };
 
 use crate::app::App;
+use crate::auth::{DEFAULT_TEAM, Principal};
 
 /// The envd version reported to the SDKs: a modern one, so that they use every feature
 /// (older versions make them refuse calls or kill the sandbox).
@@ -101,6 +102,26 @@ impl From<ManagerError> for E2bError {
         };
         Self::new(status, error.to_string())
     }
+}
+
+/// The manager, with sandbox `id` checked to be of the caller's team: another team's sandbox
+/// is not found, exactly as a missing one.
+fn owned<'a>(
+    app: &'a App,
+    principal: &Principal,
+    id: &str,
+) -> Result<&'a Arc<SandboxManager>, E2bError> {
+    let manager = manager(app)?;
+    let record = manager.get(id)?;
+    if team_of(&record) != principal.team {
+        return Err(ManagerError::NotFound(id.to_owned()).into());
+    }
+    Ok(manager)
+}
+
+/// A record's team (records made before teams belong to the default one).
+fn team_of(record: &SandboxRecord) -> &str {
+    if record.team.is_empty() { DEFAULT_TEAM } else { &record.team }
 }
 
 fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
@@ -289,7 +310,11 @@ impl From<&SandboxRecord> for SandboxInfo {
     }
 }
 
-async fn create(State(app): State<App>, E2bBody(bytes): E2bBody) -> Result<Response, E2bError> {
+async fn create(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    E2bBody(bytes): E2bBody,
+) -> Result<Response, E2bError> {
     let manager = manager(&app)?;
     let request: NewSandbox = body(&bytes)?;
     request.check_supported()?;
@@ -305,17 +330,19 @@ async fn create(State(app): State<App>, E2bBody(bytes): E2bBody) -> Result<Respo
     create.tier = *tier;
     create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
     create.auto_resume = request.auto_resume.is_some_and(|a| a.enabled);
+    create.team = principal.team.clone();
     let record = manager.create(create)?;
     Ok(sandbox_answer(StatusCode::CREATED, &record))
 }
 
 async fn list(
     State(app): State<App>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, E2bError> {
     let manager = manager(&app)?;
     let bad = |what: &str| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid `{what}`"));
-    let mut filter = ListFilter::default();
+    let mut filter = ListFilter { team: Some(principal.team.clone()), ..ListFilter::default() };
     if let Some(metadata) = query.get("metadata") {
         let pairs: Vec<(String, String)> =
             serde_urlencoded::from_str(metadata).map_err(|_| bad("metadata"))?;
@@ -347,13 +374,27 @@ async fn list(
     Ok(response)
 }
 
-async fn info(State(app): State<App>, Path(id): Path<String>) -> Result<Response, E2bError> {
-    let record = manager(&app)?.get(&id)?;
+async fn info(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, E2bError> {
+    let record = owned(&app, &principal, &id)?.get(&id)?;
     Ok(Json(SandboxInfo::from(&record)).into_response())
 }
 
-async fn kill(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
-    if manager(&app)?.kill(&id).await? {
+async fn kill(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, E2bError> {
+    let manager = match owned(&app, &principal, &id) {
+        Ok(manager) => manager,
+        Err(_) => {
+            return Err(E2bError::new(StatusCode::NOT_FOUND, format!("sandbox {id} not found")));
+        }
+    };
+    if manager.kill(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(E2bError::new(StatusCode::NOT_FOUND, format!("sandbox {id} not found")))
@@ -367,6 +408,7 @@ struct TimeoutBody {
 
 async fn set_timeout(
     State(app): State<App>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     E2bBody(bytes): E2bBody,
 ) -> Result<StatusCode, E2bError> {
@@ -374,12 +416,16 @@ async fn set_timeout(
     let timeout = request
         .timeout
         .ok_or_else(|| E2bError::new(StatusCode::BAD_REQUEST, "`timeout` (seconds) is required"))?;
-    manager(&app)?.set_timeout(&id, Duration::from_secs(timeout))?;
+    owned(&app, &principal, &id)?.set_timeout(&id, Duration::from_secs(timeout))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn pause(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
-    manager(&app)?.pause(&id).await?;
+async fn pause(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, E2bError> {
+    owned(&app, &principal, &id)?.pause(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -396,27 +442,34 @@ fn sandbox_answer(status: StatusCode, record: &SandboxRecord) -> Response {
 
 async fn resume(
     State(app): State<App>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     E2bBody(bytes): E2bBody,
 ) -> Result<Response, E2bError> {
-    let record = manager(&app)?.resume(&id, timeout_or_default(&bytes)?).await?;
+    let record = owned(&app, &principal, &id)?.resume(&id, timeout_or_default(&bytes)?).await?;
     Ok(sandbox_answer(StatusCode::CREATED, &record))
 }
 
 async fn connect(
     State(app): State<App>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     E2bBody(bytes): E2bBody,
 ) -> Result<Response, E2bError> {
-    let (record, resumed) = manager(&app)?.connect(&id, timeout_or_default(&bytes)?).await?;
+    let (record, resumed) =
+        owned(&app, &principal, &id)?.connect(&id, timeout_or_default(&bytes)?).await?;
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
     Ok(sandbox_answer(status, &record))
 }
 
 /// `GET /sandboxes/{id}/metrics`: E2B answers a series over `start`..`end`; SoulBox keeps no
 /// history and answers one sample, taken now.
-async fn metrics(State(app): State<App>, Path(id): Path<String>) -> Result<Response, E2bError> {
-    let sample = manager(&app)?.metrics(&id).await?;
+async fn metrics(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, E2bError> {
+    let sample = owned(&app, &principal, &id)?.metrics(&id).await?;
     let seconds = sample.timestamp_ms / 1000;
     Ok(Json(json!([{
         "timestamp": rfc3339(sample.timestamp_ms),

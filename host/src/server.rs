@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,6 +28,7 @@ use soulbox_runtime::{
 use tokio::sync::mpsc;
 
 use crate::app::App;
+use crate::auth::{AuthError, Principal, Role};
 
 /// The largest request body accepted: room for the largest code plus JSON escaping.
 pub const MAX_REQUEST_BODY_BYTES: usize = 4 * MAX_CODE_BYTES;
@@ -35,14 +36,157 @@ pub const MAX_REQUEST_BODY_BYTES: usize = 4 * MAX_CODE_BYTES;
 /// The router of the API.
 pub fn router(app: App) -> Router {
     let data_plane = crate::envd::DataPlane::new(app.clone());
+    let authenticated = Router::new()
+        .route("/v1/run", post(run))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
+        .merge(crate::e2b::routes())
+        .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
-        .route("/v1/run", post(run))
-        .merge(crate::e2b::routes())
+        .merge(authenticated)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(app)
-        // Outermost: a sandbox's traffic never reaches the control plane's routes.
+        // Outermost: a sandbox's traffic never reaches the control plane's routes (it is
+        // authorised by the sandbox's access token).
         .layer(axum::middleware::from_fn_with_state(data_plane, crate::envd::route))
+}
+
+/// The role a request needs: reading needs a viewer, key management an admin, everything
+/// else a member.
+fn required_role(method: &axum::http::Method, path: &str) -> Role {
+    if path.starts_with("/v1/keys") {
+        Role::Admin
+    } else if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        Role::Viewer
+    } else {
+        Role::Member
+    }
+}
+
+/// An error of the authentication layer, in the shape of the API the request was for.
+fn auth_error(path: &str, status: StatusCode, message: String) -> Response {
+    let mut response = if path.starts_with("/v1/") {
+        ApiError::new(status, "unauthorized", message).into_response()
+    } else {
+        (status, Json(json!({ "code": status.as_u16(), "message": message }))).into_response()
+    };
+    if status == StatusCode::TOO_MANY_REQUESTS
+        && let Ok(value) = crate::auth::FAILURE_WINDOW.as_secs().to_string().parse()
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Checks the request's API key (`X-API-KEY`, or `Authorization: Bearer`) and role, and hands
+/// its [`Principal`] to the handler.
+async fn authenticate(
+    State(app): State<App>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let Some(keys) = app.keys() else {
+        let message = "this server keeps no API keys (start it with `soulbox serve`)".to_owned();
+        return auth_error(&path, StatusCode::SERVICE_UNAVAILABLE, message);
+    };
+    let headers = request.headers();
+    let key = headers
+        .get("x-api-key")
+        .or_else(|| headers.get(header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    let principal = match keys.verify(key.as_deref(), source) {
+        Ok(principal) => principal,
+        Err(error) => {
+            let status = match error {
+                AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                AuthError::Missing | AuthError::Invalid | AuthError::Malformed => {
+                    StatusCode::UNAUTHORIZED
+                }
+                AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return auth_error(&path, status, error.to_string());
+        }
+    };
+    let needed = required_role(request.method(), &path);
+    if principal.role < needed {
+        let message = format!(
+            "this key is a {:?} of team {}; the call needs a {needed:?}",
+            principal.role, principal.team
+        )
+        .to_lowercase();
+        return auth_error(&path, StatusCode::FORBIDDEN, message);
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// The body of `POST /v1/keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    role: String,
+    #[serde(default)]
+    name: String,
+}
+
+fn keys_of(app: &App) -> Result<&crate::auth::Keys, ApiError> {
+    app.keys().map(AsRef::as_ref).ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_keys", "this server keeps no API keys")
+    })
+}
+
+fn key_failure(error: &AuthError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "keys_failed", error.to_string())
+}
+
+/// `POST /v1/keys`: a new key of the caller's team; the answer is the only time it is shown.
+async fn create_key(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: NewKey = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    let role = Role::parse(&request.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unknown role `{}`; roles are viewer, member and admin", request.role),
+        )
+    })?;
+    let (key, info) =
+        keys_of(&app)?.create(&principal.team, role, &request.name).map_err(|e| key_failure(&e))?;
+    Ok((StatusCode::CREATED, Json(json!({ "key": key, "info": info }))).into_response())
+}
+
+/// `GET /v1/keys`: the caller's team's keys (ids, never the keys).
+async fn list_keys(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    let keys = keys_of(&app)?.list(&principal.team).map_err(|e| key_failure(&e))?;
+    Ok(Json(keys).into_response())
+}
+
+/// `DELETE /v1/keys/{id}`: revokes a key of the caller's team; the next request with it is
+/// refused.
+async fn revoke_key(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if keys_of(&app)?.revoke(&id, &principal.team).map_err(|e| key_failure(&e))? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no key {id} in this team")))
+    }
 }
 
 /// An API error: a status and a stable JSON body `{"error": {"code", "message"}}`.
@@ -274,7 +418,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: App) -> std::io::Resu
             tracing::warn!(%error, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router(app))
+    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

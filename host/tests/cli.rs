@@ -150,6 +150,7 @@ fn serve_answers_over_http() {
     let mut server = Command::new(env!("CARGO_BIN_EXE_soulbox"))
         .args(["serve", "--no-install", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&data)
+        .env("SOULBOX_ADMIN_KEY", soulbox_tests::TEST_API_KEY)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -168,7 +169,8 @@ fn serve_answers_over_http() {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     write!(
         stream,
-        "POST /v1/run HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/run HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        soulbox_tests::TEST_API_KEY,
         body.len()
     )
     .expect("send");
@@ -282,31 +284,44 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Self {
+        Self::start_with(data_dir, Some(soulbox_tests::TEST_API_KEY)).0
+    }
+
+    /// Starts it, with `admin_key` as `SOULBOX_ADMIN_KEY`; also returns what it printed
+    /// before it was ready.
+    fn start_with(data_dir: &std::path::Path, admin_key: Option<&str>) -> (Self, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("port")
             .local_addr()
             .expect("addr")
             .port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_soulbox"));
+        command
             .args(["serve", "--no-install", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)
+            .env_remove("SOULBOX_ADMIN_KEY")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("serve starts");
+            .stderr(Stdio::piped());
+        if let Some(key) = admin_key {
+            command.env("SOULBOX_ADMIN_KEY", key);
+        }
+        let mut child = command.spawn().expect("serve starts");
         let stderr = child.stderr.take().expect("stderr");
         let began = Instant::now();
         let mut lines = BufReader::new(stderr).lines();
+        let mut printed = String::new();
         loop {
             let line = lines.next().expect("the server logs").expect("a line");
             if line.contains("soulbox is serving") {
                 break;
             }
+            printed.push_str(&line);
+            printed.push('\n');
             assert!(began.elapsed() < Duration::from_secs(60), "server did not start");
         }
         // Keep draining its log so that it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Self { child, port }
+        (Self { child, port }, printed)
     }
 
     /// One request; the status and the body (de-chunked).
@@ -322,6 +337,9 @@ impl Server {
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
+        if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("x-api-key")) {
+            head.push_str(&format!("X-API-KEY: {}\r\n", soulbox_tests::TEST_API_KEY));
+        }
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -465,4 +483,40 @@ fn after_kill_9_every_sandbox_and_file_comes_back_and_running_ones_are_paused() 
     assert_eq!(status, 200);
     let processes: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(processes["processes"], serde_json::json!([]), "processes did not survive");
+}
+
+#[test]
+fn the_first_start_makes_an_admin_key_and_prints_it_once() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let (mut server, printed) = Server::start_with(data.path(), None);
+    let key = printed
+        .split_whitespace()
+        .find(|word| word.starts_with("e2b_") && word.len() == 44)
+        .unwrap_or_else(|| panic!("no key printed: {printed}"))
+        .to_owned();
+    let (status, _) = server.call("GET", "/v2/sandboxes", &[("X-API-KEY", &key)], b"");
+    assert_eq!(status, 200, "the printed key works");
+    let (status, _) =
+        server.call("GET", "/v2/sandboxes", &[("X-API-KEY", soulbox_tests::TEST_API_KEY)], b"");
+    assert_eq!(status, 401, "no other key does");
+    server.kill();
+    let (mut again, printed) = Server::start_with(data.path(), None);
+    assert!(!printed.contains("e2b_"), "a key is printed only once: {printed}");
+    assert_eq!(again.call("GET", "/v2/sandboxes", &[("X-API-KEY", &key)], b"").0, 200, "and kept");
+    again.kill();
+    // Nowhere in the data directory is the key written in clear.
+    let secret = &key[4..];
+    for file in files_under(data.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{}", file.display());
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(files_under(&path)) } else { files.push(path) }
+    }
+    files
 }

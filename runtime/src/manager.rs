@@ -91,6 +91,9 @@ pub struct SandboxRecord {
     /// The lifetime it was created with, in milliseconds; an auto-resume gives it again.
     #[serde(default)]
     pub lifetime_ms: u64,
+    /// The team it belongs to (empty: none named).
+    #[serde(default)]
+    pub team: String,
 }
 
 /// How to make a sandbox. The defaults are closed: no environment, default limits, five
@@ -113,6 +116,8 @@ pub struct CreateSandbox {
     pub on_timeout: OnTimeout,
     /// Whether traffic to it while paused resumes it.
     pub auto_resume: bool,
+    /// The team it belongs to.
+    pub team: String,
 }
 
 impl CreateSandbox {
@@ -127,6 +132,7 @@ impl CreateSandbox {
             tier: TierPreference::Auto,
             on_timeout: OnTimeout::Kill,
             auto_resume: false,
+            team: String::new(),
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct ListFilter {
     pub metadata: BTreeMap<String, String>,
     /// Only those in one of these states (all when empty).
     pub states: Vec<SandboxState>,
+    /// Only those of this team (all when absent).
+    pub team: Option<String>,
     /// At most this many (at most [`MAX_LIST_PAGE`]; that many when absent).
     pub limit: Option<usize>,
     /// Continue after the page that returned this token.
@@ -312,6 +320,11 @@ impl SandboxManager {
             .ok_or_else(|| ManagerError::NotFound(id.to_owned()))
     }
 
+    /// The store the records are kept in (other records of the server may share it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The dispatcher executions of these sandboxes go through.
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
@@ -344,6 +357,7 @@ impl SandboxManager {
             ),
             auto_resume: request.auto_resume,
             lifetime_ms: u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX),
+            team: request.team,
         };
         if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
             let _ = sandbox.remove_files();
@@ -432,6 +446,7 @@ impl SandboxManager {
             .values()
             .map(|e| e.record.clone())
             .filter(|r| filter.states.is_empty() || filter.states.contains(&r.state))
+            .filter(|r| filter.team.as_ref().is_none_or(|team| &r.team == team))
             .filter(|r| filter.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
             .collect();
         records.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));

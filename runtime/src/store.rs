@@ -57,6 +57,16 @@ impl Store {
         Ok(())
     }
 
+    /// The value under `key` in `tree`, if any.
+    pub fn get<T: DeserializeOwned>(&self, tree: &str, key: &str) -> Result<Option<T>, StoreError> {
+        let value = self.tree(tree)?.get(key.as_bytes()).map_err(|e| self.error(&e))?;
+        value
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode(e.to_string()))
+            })
+            .transpose()
+    }
+
     /// Removes `key` from `tree`, durably; whether it was there.
     pub fn remove(&self, tree: &str, key: &str) -> Result<bool, StoreError> {
         let tree = self.tree(tree)?;

@@ -2,18 +2,9 @@
 
 use serde_json::{Value, json};
 
-/// Starts the API on an ephemeral local port; returns its base URL.
-async fn serve() -> String {
-    soulbox_tests::wasm_backend().await;
-    let app = soulbox_host::app::App::open(&soulbox_tests::test_data_dir()).expect("app");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move { axum_serve(listener, app).await });
-    format!("http://{address}")
-}
-
-async fn axum_serve(listener: tokio::net::TcpListener, app: soulbox_host::app::App) {
-    soulbox_host::server::serve(listener, app).await.expect("serving");
+/// Starts the API on an ephemeral local port; returns its base URL and its data directory.
+async fn serve() -> (String, tempfile::TempDir) {
+    soulbox_tests::serve_with_manager().await
 }
 
 async fn request(method: &str, url: &str, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
@@ -28,7 +19,7 @@ async fn post(url: &str, body: Value) -> (u16, Value) {
 
 #[tokio::test]
 async fn health_lists_tiers_and_languages() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let (status, body) = request("GET", &format!("{base}/health"), None).await;
     assert_eq!(status, 200);
     let health: Value = serde_json::from_slice(&body).expect("json");
@@ -58,7 +49,7 @@ async fn health_lists_tiers_and_languages() {
 
 #[tokio::test]
 async fn run_returns_the_whole_result() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let (status, body) = post(
         &format!("{base}/v1/run"),
         json!({"language": "python", "code": "print('hi')\n6 * 7"}),
@@ -75,7 +66,7 @@ async fn run_returns_the_whole_result() {
 
 #[tokio::test]
 async fn run_streams_json_lines_ending_with_end() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let body =
         json!({"language": "js", "code": "console.log('a'); console.log('b'); 1", "stream": true});
     let (status, raw) =
@@ -95,7 +86,7 @@ async fn run_streams_json_lines_ending_with_end() {
 
 #[tokio::test]
 async fn run_timeout_is_reported() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let (status, body) = post(
         &format!("{base}/v1/run"),
         json!({"language": "ruby", "code": "loop {}", "limits": {"timeout_ms": 200}}),
@@ -108,7 +99,7 @@ async fn run_timeout_is_reported() {
 
 #[tokio::test]
 async fn oversized_code_is_refused_with_413() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let code = "#".repeat(soulbox_runtime::MAX_CODE_BYTES + 1);
     let (status, body) =
         post(&format!("{base}/v1/run"), json!({"language": "python", "code": code})).await;
@@ -119,7 +110,7 @@ async fn oversized_code_is_refused_with_413() {
 
 #[tokio::test]
 async fn oversized_body_is_refused_with_413_in_json() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let body = vec![b' '; soulbox_host::server::MAX_REQUEST_BODY_BYTES + 1];
     let (status, body) = request("POST", &format!("{base}/v1/run"), Some(body)).await;
     assert_eq!(status, 413);
@@ -129,7 +120,7 @@ async fn oversized_body_is_refused_with_413_in_json() {
 
 #[tokio::test]
 async fn unknown_language_and_bad_json_are_400_with_clear_messages() {
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let (status, body) =
         post(&format!("{base}/v1/run"), json!({"language": "cobol", "code": "x"})).await;
     assert_eq!(status, 400);
@@ -152,7 +143,7 @@ async fn run_takes_a_command_for_the_native_tier() {
     if soulbox_tests::native_backend().is_none() {
         return;
     }
-    let base = serve().await;
+    let (base, _data) = serve().await;
     let url = format!("{base}/v1/run");
     let (status, body) = post(&url, json!({"command": ["sh", "-c", "echo hi; id -u"]})).await;
     assert_eq!(status, 200, "{body}");

@@ -99,13 +99,17 @@ pub fn shell(script: &str) -> ExecRequest {
     command(&["bash", "-c", script])
 }
 
-/// One HTTP request over a real socket; its status, headers and body.
+/// The admin key of the default team that [`serve_with_manager`] registers.
+pub const TEST_API_KEY: &str = "e2b_0000000000000000000000000000000000000000";
+
+/// One HTTP request over a real socket, with [`TEST_API_KEY`]; its status, headers and body.
 pub async fn http_request(
     method: &str,
     url: &str,
     body: Option<Vec<u8>>,
 ) -> (u16, hyper::HeaderMap, Vec<u8>) {
-    http_request_with(method, url, &[("content-type", "application/json")], body).await
+    let headers = [("content-type", "application/json"), ("x-api-key", TEST_API_KEY)];
+    http_request_with(method, url, &headers, body).await
 }
 
 /// One HTTP request over a real socket with these headers; its status, headers and body.
@@ -115,10 +119,25 @@ pub async fn http_request_with(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> (u16, hyper::HeaderMap, Vec<u8>) {
+    http_request_from(None, method, url, headers, body).await
+}
+
+/// [`http_request_with`] from a chosen local address (any of 127.0.0.0/8 reaches a loopback
+/// server), for what a server counts per client address.
+pub async fn http_request_from(
+    source: Option<std::net::IpAddr>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (u16, hyper::HeaderMap, Vec<u8>) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(source);
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<bytes::Bytes>>(connector);
     let mut request = hyper::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -133,8 +152,15 @@ pub async fn http_request_with(
 }
 
 /// `soulbox serve` with its sandbox manager, in this process, on an ephemeral local port, with
-/// the shared packs and a directory of its own for its sandboxes and store; its base URL.
+/// the shared packs, a directory of its own for its sandboxes and store, and
+/// [`TEST_API_KEY`] as an admin key; its base URL.
 pub async fn serve_with_manager() -> (String, tempfile::TempDir) {
+    let (base, data, _app) = serve_app().await;
+    (base, data)
+}
+
+/// [`serve_with_manager`], also giving the server's `App` (to reach its keys directly).
+pub async fn serve_app() -> (String, tempfile::TempDir, soulbox_host::app::App) {
     // The packs come from the shared data directory; the sandboxes live in a fresh one.
     wasm_backend().await;
     let data = tempfile::tempdir().expect("tempdir");
@@ -142,8 +168,17 @@ pub async fn serve_with_manager() -> (String, tempfile::TempDir) {
         .expect("app")
         .with_manager(data.path())
         .expect("manager");
+    let keys = app.keys().expect("a server has keys");
+    keys.register(
+        TEST_API_KEY,
+        soulbox_host::auth::DEFAULT_TEAM,
+        soulbox_host::auth::Role::Admin,
+        "tests",
+    )
+    .expect("the test key");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let address = listener.local_addr().expect("address");
-    tokio::spawn(async move { soulbox_host::server::serve(listener, app).await });
-    (format!("http://{address}"), data)
+    let served = app.clone();
+    tokio::spawn(async move { soulbox_host::server::serve(listener, served).await });
+    (format!("http://{address}"), data, app)
 }

@@ -2,7 +2,7 @@
 //! official SDKs expect (`shared/reference/e2b/protocol.md`, section 2).
 
 use serde_json::{Value, json};
-use soulbox_tests::{http_request, http_request_with, serve_with_manager as serve};
+use soulbox_tests::{TEST_API_KEY, http_request, http_request_with, serve_with_manager as serve};
 
 async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value, hyper::HeaderMap) {
     let body = body.map(|b| serde_json::to_vec(&b).expect("json"));
@@ -108,8 +108,13 @@ async fn bad_requests_get_e2b_errors_and_create_nothing() {
     let (status, _, bytes) = http_request("POST", &url, Some(b"{not json".to_vec())).await;
     assert_eq!(status, 400, "{bytes:?}");
     let body = br#"{"templateID": "base"}"#.to_vec();
-    let (status, _, bytes) =
-        http_request_with("POST", &url, &[("content-type", "text/plain")], Some(body)).await;
+    let (status, _, bytes) = http_request_with(
+        "POST",
+        &url,
+        &[("content-type", "text/plain"), ("x-api-key", TEST_API_KEY)],
+        Some(body),
+    )
+    .await;
     assert_eq!(status, 415, "a wrong content type: {bytes:?}");
     let error: Value = serde_json::from_slice(&bytes).expect("E2B's error shape");
     assert_eq!(error["code"], 415);

@@ -23,6 +23,8 @@ pub struct App {
     /// The API keys, kept beside the sandboxes' records (a server has them, as it has a
     /// manager).
     keys: Option<Arc<crate::auth::Keys>>,
+    /// The audit log, beside them.
+    audit: Option<Arc<crate::audit::AuditLog>>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -111,6 +113,7 @@ impl App {
             tiers,
             manager: None,
             keys: None,
+            audit: None,
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -140,6 +143,7 @@ impl App {
         let manager = Arc::new(manager);
         manager.spawn_reaper(REAPER_INTERVAL);
         self.keys = Some(Arc::new(crate::auth::Keys::new(manager.store().clone())));
+        self.audit = Some(Arc::new(crate::audit::AuditLog::new(manager.store().clone())));
         self.manager = Some(manager);
         Ok(self)
     }
@@ -152,6 +156,11 @@ impl App {
     /// The API keys, when this is a server.
     pub fn keys(&self) -> Option<&Arc<crate::auth::Keys>> {
         self.keys.as_ref()
+    }
+
+    /// The audit log, when this is a server.
+    pub fn audit(&self) -> Option<&Arc<crate::audit::AuditLog>> {
+        self.audit.as_ref()
     }
 
     /// The polled directory watchers of the data plane.

@@ -4,6 +4,7 @@
 //! calls [`cli::main`].
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod e2b;

@@ -40,6 +40,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/run", post(run))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/v1/audit", get(audit_log))
         .merge(crate::e2b::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
@@ -55,7 +56,7 @@ pub fn router(app: App) -> Router {
 /// The role a request needs: reading needs a viewer, key management an admin, everything
 /// else a member.
 fn required_role(method: &axum::http::Method, path: &str) -> Role {
-    if path.starts_with("/v1/keys") {
+    if path.starts_with("/v1/keys") || path.starts_with("/v1/audit") {
         Role::Admin
     } else if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Role::Viewer
@@ -101,6 +102,24 @@ async fn authenticate(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip());
+    let action = format!("{} {path}", request.method());
+    let mutation =
+        request.method() != axum::http::Method::GET && request.method() != axum::http::Method::HEAD;
+    let audit = |key_id: &str, team: &str, status: StatusCode| {
+        // Mutations, and attempts refused (whatever they were).
+        let refused = matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+        ) || status == StatusCode::TOO_MANY_REQUESTS;
+        if let Some(log) = app.audit()
+            && (mutation || refused)
+        {
+            let source = source.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+            if let Err(error) = log.append(key_id, team, action.clone(), status.as_u16(), source) {
+                tracing::error!(%error, "could not append to the audit log");
+            }
+        }
+    };
     let principal = match keys.verify(key.as_deref(), source) {
         Ok(principal) => principal,
         Err(error) => {
@@ -111,6 +130,7 @@ async fn authenticate(
                 }
                 AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
+            audit("-", "-", status);
             return auth_error(&path, status, error.to_string());
         }
     };
@@ -121,10 +141,58 @@ async fn authenticate(
             principal.role, principal.team
         )
         .to_lowercase();
+        audit(&principal.key_id, &principal.team, StatusCode::FORBIDDEN);
         return auth_error(&path, StatusCode::FORBIDDEN, message);
     }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
+    request.extensions_mut().insert(principal.clone());
+    let response = next.run(request).await;
+    audit(&principal.key_id, &principal.team, response.status());
+    response
+}
+
+/// The query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// From, in milliseconds since the Unix epoch (the beginning when absent).
+    #[serde(default)]
+    since: u64,
+    /// Until (now when absent).
+    #[serde(default)]
+    until: Option<u64>,
+    /// Another team's records: only for admins of the default team, the server's operators.
+    #[serde(default)]
+    team: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /v1/audit`: the audit records of the caller's team, oldest first.
+async fn audit_log(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Query(query): axum::extract::Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let log = app.audit().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_audit", "this server keeps no audit log")
+    })?;
+    let team = match &query.team {
+        Some(team) if principal.team != crate::auth::DEFAULT_TEAM && *team != principal.team => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only admins of the default team read other teams' records",
+            ));
+        }
+        Some(team) => team.clone(),
+        None => principal.team.clone(),
+    };
+    let until = query.until.unwrap_or(u64::MAX / 2);
+    let limit = query.limit.unwrap_or(crate::audit::MAX_AUDIT_PAGE);
+    let records = log.query(query.since, until, Some(&team), limit).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit_failed", e.to_string())
+    })?;
+    Ok(Json(records).into_response())
 }
 
 /// The body of `POST /v1/keys`.
@@ -134,6 +202,9 @@ struct NewKey {
     role: String,
     #[serde(default)]
     name: String,
+    /// Another team: only for admins of the default team, the server's operators.
+    #[serde(default)]
+    team: Option<String>,
 }
 
 fn keys_of(app: &App) -> Result<&crate::auth::Keys, ApiError> {
@@ -161,8 +232,26 @@ async fn create_key(
             format!("unknown role `{}`; roles are viewer, member and admin", request.role),
         )
     })?;
+    let team = match request.team {
+        Some(team) if team != principal.team && principal.team != crate::auth::DEFAULT_TEAM => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only admins of the default team make keys of other teams",
+            ));
+        }
+        Some(team) if team.is_empty() || team.len() > 64 => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "a team name takes 1 to 64 bytes",
+            ));
+        }
+        Some(team) => team,
+        None => principal.team.clone(),
+    };
     let (key, info) =
-        keys_of(&app)?.create(&principal.team, role, &request.name).map_err(|e| key_failure(&e))?;
+        keys_of(&app)?.create(&team, role, &request.name).map_err(|e| key_failure(&e))?;
     Ok((StatusCode::CREATED, Json(json!({ "key": key, "info": info }))).into_response())
 }
 

@@ -75,6 +75,26 @@ impl Store {
         Ok(removed.is_some())
     }
 
+    /// The values of `tree` with keys from `start` (inclusive) to `end` (exclusive), in key
+    /// order, at most `limit` of them.
+    pub fn range<T: DeserializeOwned>(
+        &self,
+        tree: &str,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        self.tree(tree)?
+            .range(start.as_bytes()..end.as_bytes())
+            .values()
+            .take(limit)
+            .map(|value| {
+                let value = value.map_err(|e| self.error(&e))?;
+                serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))
+            })
+            .collect()
+    }
+
     /// Every value of `tree`, in key order.
     pub fn all<T: DeserializeOwned>(&self, tree: &str) -> Result<Vec<T>, StoreError> {
         self.tree(tree)?

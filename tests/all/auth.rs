@@ -188,3 +188,61 @@ async fn repeated_failures_from_one_address_are_rate_limited() {
     assert_eq!(status, 429, "even a good key, from this address, for a while");
     assert_eq!(response_headers["retry-after"], "60");
 }
+
+#[tokio::test]
+async fn state_changes_and_refused_attempts_are_audited_per_team() {
+    let (base, _data, app) = serve_app().await;
+    let keys = app.keys().expect("keys");
+    let (member, member_info) = keys.create(DEFAULT_TEAM, Role::Member, "member").expect("a key");
+    let (outsider, _) = keys.create("other", Role::Admin, "outsider").expect("a key");
+    let (_, created) =
+        call(&base, Some(&member), "POST", "/v2/sandboxes", Some(json!({"templateID": "base"})))
+            .await;
+    let id = created["sandboxID"].as_str().expect("an id").to_owned();
+    call(&base, Some(&member), "GET", "/v2/sandboxes", None).await;
+    assert_eq!(
+        call(&base, Some(&outsider), "DELETE", &format!("/sandboxes/{id}"), None).await.0,
+        404
+    );
+    assert_eq!(
+        call(&base, Some(&member), "DELETE", &format!("/sandboxes/{id}"), None).await.0,
+        204
+    );
+
+    let (status, ours) = call(&base, Some(TEST_API_KEY), "GET", "/v1/audit", None).await;
+    assert_eq!(status, 200, "{ours}");
+    let actions: Vec<(String, u64, String)> = ours
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or("").to_owned(),
+                r["status"].as_u64().unwrap_or(0),
+                r["key_id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let kill = format!("DELETE /sandboxes/{id}");
+    assert_eq!(
+        actions,
+        vec![
+            ("POST /v2/sandboxes".to_owned(), 201, member_info.id.clone()),
+            (kill.clone(), 204, member_info.id.clone()),
+        ],
+        "one record per mutation, reads not recorded: {ours}"
+    );
+    assert!(ours[0]["source"].as_str().is_some_and(|s| s.starts_with("127.")), "{ours}");
+    let (_, theirs) = call(&base, Some(&outsider), "GET", "/v1/audit", None).await;
+    let attempt = &theirs.as_array().expect("records")[0];
+    assert_eq!(
+        (attempt["action"].as_str(), attempt["status"].as_u64()),
+        (Some(kill.as_str()), Some(404)),
+        "the cross-team attempt: {theirs}"
+    );
+    // The log is read-only through the API, and admins only.
+    assert_eq!(call(&base, Some(&member), "GET", "/v1/audit", None).await.0, 403);
+    assert_eq!(call(&base, Some(TEST_API_KEY), "DELETE", "/v1/audit", None).await.0, 405);
+    let (status, _) = call(&base, Some(&outsider), "GET", "/v1/audit?team=default", None).await;
+    assert_eq!(status, 403, "another team's admin reads only its own team");
+}

@@ -1,4 +1,5 @@
-//! The command line: `soulbox langs`, `soulbox run`, `soulbox serve`.
+//! The command line: `soulbox langs`, `soulbox run`, `soulbox serve`, and the commands that
+//! talk to a server (`soulbox auth`, `soulbox keys`, `soulbox audit`, in [`crate::remote`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -37,7 +38,9 @@ const EXAMPLES: &str = "Examples:
   soulbox langs install                 install every language pack
   soulbox run --lang python -c 'print(6 * 7)'
   soulbox run --lang js script.js --json
-  soulbox serve --listen 127.0.0.1:3000";
+  soulbox serve --listen 127.0.0.1:3000
+  soulbox auth login --api-url http://127.0.0.1:3000 --key e2b_...
+  soulbox keys create --role member --name ci";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -48,6 +51,14 @@ enum Command {
     Run(RunArgs),
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    /// Save a server's URL and a key for the commands below, or forget them.
+    #[command(subcommand)]
+    Auth(crate::remote::AuthCommand),
+    /// Make, list and revoke API keys (admins).
+    #[command(subcommand)]
+    Keys(crate::remote::KeysCommand),
+    /// Read the audit log (admins).
+    Audit(crate::remote::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,15 +167,17 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCode> {
-    let app = App::open(&data_dir)?;
+    // The data directory (and its tiers) is opened only by the commands that work locally;
+    // the ones that talk to a server need nothing here.
+    let open = || App::open(&data_dir);
     match command {
-        Command::Langs(LangsCommand::Install { languages }) => install(&app, &languages).await,
-        Command::Langs(LangsCommand::List { json }) => list(&app, json),
-        Command::Run(args) => run(&app, args).await,
-        Command::Serve(args) => {
-            let data_dir = app.data_dir().to_owned();
-            serve(app.with_manager(&data_dir)?, args).await
-        }
+        Command::Langs(LangsCommand::Install { languages }) => install(&open()?, &languages).await,
+        Command::Langs(LangsCommand::List { json }) => list(&open()?, json),
+        Command::Run(args) => run(&open()?, args).await,
+        Command::Serve(args) => serve(open()?.with_manager(&data_dir)?, args).await,
+        Command::Auth(command) => Ok(crate::remote::auth(command).await),
+        Command::Keys(command) => Ok(crate::remote::keys(command).await),
+        Command::Audit(args) => Ok(crate::remote::audit(args).await),
     }
 }
 

@@ -10,4 +10,5 @@ pub mod cli;
 pub mod e2b;
 mod envd;
 mod interpreter;
+mod remote;
 pub mod server;

@@ -520,3 +520,78 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[test]
+fn the_cli_logs_in_manages_keys_and_reads_the_audit_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let home = tempfile::tempdir().expect("a home");
+    let config = home.path().join(".config");
+    let cli = |args: &[&str], key: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_soulbox"));
+        command
+            .args(args)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .env_remove("SOULBOX_API_KEY")
+            .env_remove("SOULBOX_API_URL");
+        if let Some(key) = key {
+            command.env("SOULBOX_API_KEY", key);
+        }
+        command.output().expect("soulbox runs")
+    };
+    let url = format!("http://127.0.0.1:{}", server.port);
+
+    let out = cli(&["keys", "list"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("soulbox auth login"), "{}", text(&out.stderr));
+    let wrong = "e2b_ffffffffffffffffffffffffffffffffffffffff";
+    let out = cli(&["auth", "login", "--api-url", &url, "--key", wrong], None);
+    assert_eq!(out.status.code(), Some(1), "a wrong key is not saved");
+    assert!(text(&out.stderr).contains("not accepted"), "{}", text(&out.stderr));
+
+    let out =
+        cli(&["auth", "login", "--api-url", &url, "--key", soulbox_tests::TEST_API_KEY], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let saved = config.join("soulbox/credentials.json");
+    let mode = std::fs::metadata(&saved).expect("saved").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the user reads the saved key");
+
+    let out = cli(&["keys", "create", "--role", "viewer", "--name", "from-cli"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let viewer = text(&out.stdout).trim().to_owned();
+    assert!(viewer.starts_with("e2b_") && viewer.len() == 44, "only the key on stdout: {viewer}");
+    let out = cli(&["keys", "list", "--json"], None);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let id = listed
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["name"] == "from-cli")
+        .and_then(|k| k["id"].as_str())
+        .expect("the new key listed")
+        .to_owned();
+    assert!(viewer[4..].starts_with(&id));
+    assert!(text(&cli(&["keys", "list"], None).stdout).starts_with("ID"), "a table by default");
+
+    // A viewer may not manage keys: a clear refusal and exit code 1.
+    let out = cli(&["keys", "list"], Some(&viewer));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("403"), "{}", text(&out.stderr));
+    assert!(cli(&["keys", "revoke", &id], None).status.success());
+    let out = cli(&["keys", "list"], Some(&viewer));
+    assert!(text(&out.stderr).contains("401"), "revoked: {}", text(&out.stderr));
+
+    let out = cli(&["audit", "--json", "--since", "1h"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let records: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let actions: Vec<&str> =
+        records.as_array().expect("records").iter().filter_map(|r| r["action"].as_str()).collect();
+    assert!(actions.contains(&"POST /v1/keys"), "{actions:?}");
+    assert!(actions.contains(&format!("DELETE /v1/keys/{id}").as_str()), "{actions:?}");
+
+    assert!(cli(&["auth", "logout"], None).status.success());
+    assert!(!saved.exists(), "logged out");
+    server.kill();
+}

@@ -1,0 +1,366 @@
+//! The commands that talk to a `soulbox serve`, local or remote: `soulbox auth`, `soulbox
+//! keys`, `soulbox audit`. The server is `--api-url`, `SOULBOX_API_URL`, the one saved by
+//! `soulbox auth login`, or `http://127.0.0.1:3000`; the key is `SOULBOX_API_KEY` or the saved
+//! one. Credentials are saved in the user's config directory (`soulbox/credentials.json`),
+//! readable by the user only (mode 0600).
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The server when none is named.
+const DEFAULT_API_URL: &str = "http://127.0.0.1:3000";
+
+/// Exit code when the server refused the call or could not be reached.
+const EXIT_REFUSED: u8 = 1;
+
+/// Where to reach the server.
+#[derive(Debug, Args)]
+pub(crate) struct ServerArgs {
+    /// The server's URL (else `SOULBOX_API_URL`, the one saved by `soulbox auth login`, or
+    /// http://127.0.0.1:3000).
+    #[arg(long, env = "SOULBOX_API_URL", value_name = "URL")]
+    api_url: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `soulbox auth`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuthCommand {
+    /// Check a key against the server and save both for later commands.
+    #[command(after_help = "Examples:
+  soulbox auth login --api-url http://10.0.0.5:3000 --key e2b_...
+  echo \"$KEY\" | soulbox auth login")]
+    Login {
+        /// The key (read from standard input when absent).
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Forget the saved key.
+    Logout,
+}
+
+/// `soulbox keys`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Make a key; it is printed once and never again.
+    #[command(after_help = "Examples:
+  soulbox keys create --role member --name ci
+  soulbox keys create --team research --role admin")]
+    Create {
+        /// viewer (reads), member (creates and runs) or admin (also manages keys).
+        #[arg(long)]
+        role: String,
+        /// Another team (only for admins of the default team).
+        #[arg(long)]
+        team: Option<String>,
+        /// A name, for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List the team's keys (their ids, never the keys).
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Revoke a key by id; the next request with it is refused.
+    Revoke {
+        /// The key's id (as `list` shows it).
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// `soulbox audit`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox audit --since 1h
+  soulbox audit --team research --json")]
+pub(crate) struct AuditArgs {
+    /// How far back, such as 30m, 2h or 7d.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    since: std::time::Duration,
+    /// Another team (only for admins of the default team).
+    #[arg(long)]
+    team: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// What `soulbox auth login` saves.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Credentials {
+    api_url: String,
+    api_key: String,
+}
+
+fn credentials_path() -> anyhow::Result<PathBuf> {
+    let config = dirs::config_dir().context("this user has no config directory (set HOME)")?;
+    Ok(config.join("soulbox").join("credentials.json"))
+}
+
+fn saved_credentials() -> Option<Credentials> {
+    let text = std::fs::read_to_string(credentials_path().ok()?).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// A client of one server with one key.
+struct ApiClient {
+    base: String,
+    key: String,
+}
+
+impl ApiClient {
+    /// The server and key to use, by the rules of the module docs.
+    fn resolve(server: &ServerArgs) -> anyhow::Result<Self> {
+        let saved = saved_credentials();
+        let base = server
+            .api_url
+            .clone()
+            .or_else(|| saved.as_ref().map(|c| c.api_url.clone()))
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+        let key = std::env::var("SOULBOX_API_KEY").ok().or_else(|| saved.map(|c| c.api_key));
+        let Some(key) = key else {
+            bail!("no API key: run `soulbox auth login` or set SOULBOX_API_KEY");
+        };
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), key })
+    }
+
+    /// One call; the status and the JSON answer (`null` when there is none).
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let bytes = body.map(|b| serde_json::to_vec(&b)).transpose()?.unwrap_or_default();
+        let url = format!("{}{path}", self.base);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.key))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .with_context(|| format!("the URL {url}"))?;
+        let response = client
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    }
+
+    /// A call that must succeed; a refusal becomes an error with the server's message.
+    async fn expect(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let (status, answer) = self.call(method, path, body).await?;
+        if (200..300).contains(&status) {
+            return Ok(answer);
+        }
+        let message = answer["error"]["message"]
+            .as_str()
+            .or_else(|| answer["message"].as_str())
+            .unwrap_or("no message");
+        bail!("the server answered {status}: {message}")
+    }
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// The exit code of a remote command; an error is printed and becomes [`EXIT_REFUSED`].
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("soulbox: {error:#}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+pub(crate) async fn auth(command: AuthCommand) -> ExitCode {
+    report(
+        async {
+            match command {
+                AuthCommand::Login { key, server } => login(key, &server).await,
+                AuthCommand::Logout => logout(),
+            }
+        }
+        .await,
+    )
+}
+
+async fn login(key: Option<String>, server: &ServerArgs) -> anyhow::Result<()> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_owned()
+        }
+    };
+    let api_url = server.api_url.clone().unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+    let client = ApiClient { base: api_url.trim_end_matches('/').to_owned(), key: key.clone() };
+    client
+        .expect("GET", "/v2/sandboxes?limit=1", None)
+        .await
+        .context("the key was not accepted")?;
+    let path = credentials_path()?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let credentials = Credentials { api_url: client.base, api_key: key };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("saving {}", path.display()))?;
+    serde_json::to_writer(&mut file, &credentials)?;
+    if server.json {
+        print_json(&json!({ "api_url": credentials.api_url, "saved": path }))?;
+    } else {
+        println!("logged in to {}; the key is saved in {}", credentials.api_url, path.display());
+    }
+    Ok(())
+}
+
+fn logout() -> anyhow::Result<()> {
+    let path = credentials_path()?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => println!("logged out: {} removed", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}
+
+pub(crate) async fn keys(command: KeysCommand) -> ExitCode {
+    report(
+        async {
+            match command {
+                KeysCommand::Create { role, team, name, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let mut body = json!({ "role": role, "name": name });
+                    if let Some(team) = team {
+                        body["team"] = json!(team);
+                    }
+                    let made = client.expect("POST", "/v1/keys", Some(body)).await?;
+                    if server.json {
+                        return print_json(&made);
+                    }
+                    let key = made["key"].as_str().unwrap_or_default();
+                    let info = &made["info"];
+                    eprintln!(
+                        "made key {} ({} of team {}); it is shown only now:",
+                        info["id"].as_str().unwrap_or_default(),
+                        info["role"].as_str().unwrap_or_default(),
+                        info["team"].as_str().unwrap_or_default(),
+                    );
+                    println!("{key}");
+                    Ok(())
+                }
+                KeysCommand::List { server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let listed = client.expect("GET", "/v1/keys", None).await?;
+                    if server.json {
+                        return print_json(&listed);
+                    }
+                    println!("{:<14} {:<8} {:<8} {:<20} NAME", "ID", "ROLE", "STATE", "CREATED");
+                    for key in listed.as_array().into_iter().flatten() {
+                        let created = key["created_at_ms"].as_u64().unwrap_or_default();
+                        let created =
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(created);
+                        println!(
+                            "{:<14} {:<8} {:<8} {:<20} {}",
+                            key["id"].as_str().unwrap_or_default(),
+                            key["role"].as_str().unwrap_or_default(),
+                            if key["revoked"].as_bool() == Some(true) {
+                                "revoked"
+                            } else {
+                                "active"
+                            },
+                            humantime::format_rfc3339_seconds(created).to_string(),
+                            key["name"].as_str().unwrap_or_default(),
+                        );
+                    }
+                    Ok(())
+                }
+                KeysCommand::Revoke { id, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    client.expect("DELETE", &format!("/v1/keys/{id}"), None).await?;
+                    if server.json {
+                        return print_json(&json!({ "revoked": id }));
+                    }
+                    println!("revoked key {id}");
+                    Ok(())
+                }
+            }
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn audit(args: AuditArgs) -> ExitCode {
+    report(
+        async {
+            let client = ApiClient::resolve(&args.server)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let since = now.saturating_sub(args.since).as_millis();
+            let mut path = format!("/v1/audit?since={since}");
+            if let Some(team) = &args.team {
+                path.push_str(&format!(
+                    "&team={}",
+                    serde_urlencoded::to_string([("", team)])?.trim_start_matches('=')
+                ));
+            }
+            let records = client.expect("GET", &path, None).await?;
+            if args.server.json {
+                return print_json(&records);
+            }
+            println!(
+                "{:<24} {:<14} {:<10} {:<6} {:<16} ACTION",
+                "WHEN", "KEY", "TEAM", "STATUS", "SOURCE"
+            );
+            for record in records.as_array().into_iter().flatten() {
+                let at = record["at_ms"].as_u64().unwrap_or_default();
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
+                println!(
+                    "{:<24} {:<14} {:<10} {:<6} {:<16} {}",
+                    humantime::format_rfc3339_millis(at).to_string(),
+                    record["key_id"].as_str().unwrap_or_default(),
+                    record["team"].as_str().unwrap_or_default(),
+                    record["status"].as_u64().unwrap_or_default(),
+                    record["source"].as_str().unwrap_or_default(),
+                    record["action"].as_str().unwrap_or_default(),
+                );
+            }
+            Ok(())
+        }
+        .await,
+    )
+}

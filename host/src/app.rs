@@ -25,6 +25,8 @@ pub struct App {
     keys: Option<Arc<crate::auth::Keys>>,
     /// The audit log, beside them.
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// The teams' quotas, beside them.
+    quotas: Option<Arc<crate::quotas::Quotas>>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -114,6 +116,7 @@ impl App {
             manager: None,
             keys: None,
             audit: None,
+            quotas: None,
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -144,6 +147,7 @@ impl App {
         manager.spawn_reaper(REAPER_INTERVAL);
         self.keys = Some(Arc::new(crate::auth::Keys::new(manager.store().clone())));
         self.audit = Some(Arc::new(crate::audit::AuditLog::new(manager.store().clone())));
+        self.quotas = Some(Arc::new(crate::quotas::Quotas::new(manager.store().clone())));
         self.manager = Some(manager);
         Ok(self)
     }
@@ -161,6 +165,11 @@ impl App {
     /// The audit log, when this is a server.
     pub fn audit(&self) -> Option<&Arc<crate::audit::AuditLog>> {
         self.audit.as_ref()
+    }
+
+    /// The teams' quotas, when this is a server.
+    pub fn quotas(&self) -> Option<&Arc<crate::quotas::Quotas>> {
+        self.quotas.as_ref()
     }
 
     /// The polled directory watchers of the data plane.

@@ -59,6 +59,10 @@ enum Command {
     Keys(crate::remote::KeysCommand),
     /// Read the audit log (admins).
     Audit(crate::remote::AuditArgs),
+    /// What a team's sandboxes used, by template (admins).
+    Usage(crate::remote::UsageArgs),
+    /// Show or set a team's quota (setting: admins of the default team).
+    Quota(crate::remote::QuotaArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +182,8 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Auth(command) => Ok(crate::remote::auth(command).await),
         Command::Keys(command) => Ok(crate::remote::keys(command).await),
         Command::Audit(args) => Ok(crate::remote::audit(args).await),
+        Command::Usage(args) => Ok(crate::remote::usage(args).await),
+        Command::Quota(args) => Ok(crate::remote::quota(args).await),
     }
 }
 

@@ -124,6 +124,57 @@ fn team_of(record: &SandboxRecord) -> &str {
     if record.team.is_empty() { DEFAULT_TEAM } else { &record.team }
 }
 
+/// Refuses a sandbox its team's quota does not allow: 429 for one too many, 400 for a timeout
+/// or memory limit above the quota.
+fn check_quota(
+    app: &App,
+    manager: &SandboxManager,
+    create: &CreateSandbox,
+) -> Result<(), E2bError> {
+    let Some(quotas) = app.quotas() else { return Ok(()) };
+    let quota = quotas
+        .get(&create.team)
+        .map_err(|e| E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(max) = quota.max_live_sandboxes {
+        let filter = ListFilter { team: Some(create.team.clone()), ..ListFilter::default() };
+        let live = manager.list(&filter).sandboxes.len();
+        if live >= usize::try_from(max).unwrap_or(usize::MAX) {
+            return Err(E2bError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "team {} has {live} live sandboxes, its quota; kill one first",
+                    create.team
+                ),
+            ));
+        }
+    }
+    if let Some(max) = quota.max_timeout_secs
+        && create.timeout.as_secs() > max
+    {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a timeout of {} s is above the quota of team {} ({max} s)",
+                create.timeout.as_secs(),
+                create.team
+            ),
+        ));
+    }
+    if let Some(max) = quota.max_memory_mib
+        && create.limits.memory_bytes > max.saturating_mul(1 << 20)
+    {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a memory limit of {} MiB is above the quota of team {} ({max} MiB)",
+                create.limits.memory_bytes >> 20,
+                create.team
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
     app.manager().ok_or_else(|| {
         E2bError::new(StatusCode::SERVICE_UNAVAILABLE, "this server keeps no sandboxes")
@@ -331,6 +382,7 @@ async fn create(
     create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
     create.auto_resume = request.auto_resume.is_some_and(|a| a.enabled);
     create.team = principal.team.clone();
+    check_quota(&app, manager, &create)?;
     let record = manager.create(create)?;
     Ok(sandbox_answer(StatusCode::CREATED, &record))
 }

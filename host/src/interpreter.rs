@@ -177,6 +177,9 @@ async fn execute(
         Ok(execution) => execution,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Some(manager) = app.manager() {
+        manager.count_execution(&live.record.id);
+    }
     let (lines, receiver) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
     tokio::spawn(async move {
         let mut text = TextStreams::default();

@@ -10,5 +10,6 @@ pub mod cli;
 pub mod e2b;
 mod envd;
 mod interpreter;
+pub mod quotas;
 mod remote;
 pub mod server;

@@ -1,5 +1,5 @@
 //! The commands that talk to a `soulbox serve`, local or remote: `soulbox auth`, `soulbox
-//! keys`, `soulbox audit`. The server is `--api-url`, `SOULBOX_API_URL`, the one saved by
+//! keys`, `soulbox audit`, `soulbox usage`, `soulbox quota`. The server is `--api-url`, `SOULBOX_API_URL`, the one saved by
 //! `soulbox auth login`, or `http://127.0.0.1:3000`; the key is `SOULBOX_API_KEY` or the saved
 //! one. Credentials are saved in the user's config directory (`soulbox/credentials.json`),
 //! readable by the user only (mode 0600).
@@ -100,6 +100,40 @@ pub(crate) struct AuditArgs {
     /// Another team (only for admins of the default team).
     #[arg(long)]
     team: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `soulbox usage`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox usage
+  soulbox usage --team research --json")]
+pub(crate) struct UsageArgs {
+    /// Another team (only for admins of the default team).
+    #[arg(long)]
+    team: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `soulbox quota`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox quota research                                  # show it
+  soulbox quota research --max-sandboxes 20 --max-timeout 1h --max-memory-mib 2048")]
+pub(crate) struct QuotaArgs {
+    /// The team.
+    team: String,
+    /// Live sandboxes (running or paused) at once.
+    #[arg(long)]
+    max_sandboxes: Option<u32>,
+    /// The longest timeout of a sandbox, such as 30m or 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_timeout: Option<std::time::Duration>,
+    /// The largest memory limit of a sandbox, in MiB.
+    #[arg(long)]
+    max_memory_mib: Option<u64>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -359,6 +393,78 @@ pub(crate) async fn audit(args: AuditArgs) -> ExitCode {
                     record["action"].as_str().unwrap_or_default(),
                 );
             }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn usage(args: UsageArgs) -> ExitCode {
+    report(
+        async {
+            let client = ApiClient::resolve(&args.server)?;
+            let mut path = "/v1/usage".to_owned();
+            if let Some(team) = &args.team {
+                path.push_str(&format!("?{}", serde_urlencoded::to_string([("team", team)])?));
+            }
+            let rows = client.expect("GET", &path, None).await?;
+            if args.server.json {
+                return print_json(&rows);
+            }
+            println!(
+                "{:<12} {:<20} {:>9} {:>12} {:>10} {:>14} {:>10}",
+                "TEAM", "TEMPLATE", "SANDBOXES", "SANDBOX-S", "CPU-S", "MEMORY-GIB-S", "EXECUTIONS"
+            );
+            for row in rows.as_array().into_iter().flatten() {
+                println!(
+                    "{:<12} {:<20} {:>9} {:>12.1} {:>10.1} {:>14.1} {:>10}",
+                    row["team"].as_str().unwrap_or_default(),
+                    row["template"].as_str().unwrap_or_default(),
+                    row["sandboxes"].as_u64().unwrap_or_default(),
+                    row["sandbox_seconds"].as_f64().unwrap_or_default(),
+                    row["cpu_seconds"].as_f64().unwrap_or_default(),
+                    row["memory_gib_seconds"].as_f64().unwrap_or_default(),
+                    row["executions"].as_u64().unwrap_or_default(),
+                );
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn quota(args: QuotaArgs) -> ExitCode {
+    report(
+        async {
+            let client = ApiClient::resolve(&args.server)?;
+            let path = format!("/v1/quotas/{}", args.team);
+            let setting = args.max_sandboxes.is_some()
+                || args.max_timeout.is_some()
+                || args.max_memory_mib.is_some();
+            if setting {
+                let mut quota = client.expect("GET", &path, None).await?;
+                if let Some(max) = args.max_sandboxes {
+                    quota["max_live_sandboxes"] = json!(max);
+                }
+                if let Some(max) = args.max_timeout {
+                    quota["max_timeout_secs"] = json!(max.as_secs());
+                }
+                if let Some(max) = args.max_memory_mib {
+                    quota["max_memory_mib"] = json!(max);
+                }
+                client.expect("PUT", &path, Some(quota)).await?;
+            }
+            let quota = client.expect("GET", &path, None).await?;
+            if args.server.json {
+                return print_json(&quota);
+            }
+            let show = |field: &str| {
+                quota[field].as_u64().map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
+            };
+            println!("team {}", args.team);
+            println!("  live sandboxes   {}", show("max_live_sandboxes"));
+            println!("  timeout (s)      {}", show("max_timeout_secs"));
+            println!("  memory (MiB)     {}", show("max_memory_mib"));
             Ok(())
         }
         .await,

@@ -41,6 +41,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/audit", get(audit_log))
+        .route("/v1/usage", get(usage))
+        .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
@@ -56,7 +58,8 @@ pub fn router(app: App) -> Router {
 /// The role a request needs: reading needs a viewer, key management an admin, everything
 /// else a member.
 fn required_role(method: &axum::http::Method, path: &str) -> Role {
-    if path.starts_with("/v1/keys") || path.starts_with("/v1/audit") {
+    let admin_only = ["/v1/keys", "/v1/audit", "/v1/usage", "/v1/quotas"];
+    if admin_only.iter().any(|prefix| path.starts_with(prefix)) {
         Role::Admin
     } else if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Role::Viewer
@@ -150,6 +153,91 @@ async fn authenticate(
     response
 }
 
+/// The team a call is about: the caller's own, or (for admins of the default team, the
+/// server's operators) any.
+fn team_for(principal: &Principal, asked: Option<&str>) -> Result<String, ApiError> {
+    match asked {
+        Some(team) if team != principal.team && principal.team != crate::auth::DEFAULT_TEAM => {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only admins of the default team reach other teams",
+            ))
+        }
+        Some(team) => Ok(team.to_owned()),
+        None => Ok(principal.team.clone()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    #[serde(default)]
+    team: Option<String>,
+}
+
+/// `GET /v1/usage`: what the team's sandboxes used, by template (ended ones plus live ones so
+/// far): sandboxes, sandbox-seconds, CPU-seconds, memory GiB-seconds, executions.
+async fn usage(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Query(query): axum::extract::Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let team = team_for(&principal, query.team.as_deref())?;
+    let manager = app.manager().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_sandboxes",
+            "this server keeps no sandboxes",
+        )
+    })?;
+    let usage = manager.usage(Some(&team)).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "usage_failed", e.to_string())
+    })?;
+    Ok(Json(usage).into_response())
+}
+
+fn quotas_of(app: &App) -> Result<&crate::quotas::Quotas, ApiError> {
+    app.quotas().map(AsRef::as_ref).ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_quotas", "this server keeps no quotas")
+    })
+}
+
+/// `GET /v1/quotas/{team}`.
+async fn get_quota(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Path(team): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let team = team_for(&principal, Some(&team))?;
+    let quota = quotas_of(&app)?.get(&team).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "quota_failed", e.to_string())
+    })?;
+    Ok(Json(quota).into_response())
+}
+
+/// `PUT /v1/quotas/{team}`: sets a team's quota (admins of the default team only).
+async fn set_quota(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Path(team): axum::extract::Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    if principal.team != crate::auth::DEFAULT_TEAM {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "quotas are set by admins of the default team",
+        ));
+    }
+    let quota: crate::quotas::Quota = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    quotas_of(&app)?.set(&team, &quota).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "quota_failed", e.to_string())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The query of `GET /v1/audit`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,17 +264,7 @@ async fn audit_log(
     let log = app.audit().ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_audit", "this server keeps no audit log")
     })?;
-    let team = match &query.team {
-        Some(team) if principal.team != crate::auth::DEFAULT_TEAM && *team != principal.team => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "only admins of the default team read other teams' records",
-            ));
-        }
-        Some(team) => team.clone(),
-        None => principal.team.clone(),
-    };
+    let team = team_for(&principal, query.team.as_deref())?;
     let until = query.until.unwrap_or(u64::MAX / 2);
     let limit = query.limit.unwrap_or(crate::audit::MAX_AUDIT_PAGE);
     let records = log.query(query.since, until, Some(&team), limit).map_err(|e| {

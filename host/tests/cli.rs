@@ -591,6 +591,14 @@ fn the_cli_logs_in_manages_keys_and_reads_the_audit_log() {
     assert!(actions.contains(&"POST /v1/keys"), "{actions:?}");
     assert!(actions.contains(&format!("DELETE /v1/keys/{id}").as_str()), "{actions:?}");
 
+    let out =
+        cli(&["quota", "research", "--max-sandboxes", "3", "--max-timeout", "1h", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let quota: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(quota, serde_json::json!({"max_live_sandboxes": 3, "max_timeout_secs": 3600}));
+    let out = cli(&["usage"], None);
+    assert!(out.status.success() && text(&out.stdout).starts_with("TEAM"), "{}", text(&out.stderr));
+
     assert!(cli(&["auth", "logout"], None).status.success());
     assert!(!saved.exists(), "logged out");
     server.kill();

@@ -40,7 +40,7 @@ pub use manager::{
     CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
     MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,
     OnTimeout, SANDBOX_CPU_COUNT, SandboxManager, SandboxMetrics, SandboxPage, SandboxRecord,
-    SandboxState,
+    SandboxState, Usage,
 };
 pub use process::{
     MAX_TERMINAL_CELLS, ProcessControl, ProcessEnd, ProcessError, ProcessEvent, ProcessFollower,

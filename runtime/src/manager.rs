@@ -38,6 +38,9 @@ pub const MAX_LIST_PAGE: usize = 1000;
 /// The store's tree of sandbox records.
 const SANDBOXES: &str = "sandboxes";
 
+/// The store's tree of what ended sandboxes used, by team and template.
+const USAGE: &str = "usage";
+
 /// Whether a sandbox runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +97,53 @@ pub struct SandboxRecord {
     /// The team it belongs to (empty: none named).
     #[serde(default)]
     pub team: String,
+    /// When it last started running, in milliseconds since the Unix epoch (0 while paused).
+    #[serde(default)]
+    pub running_since_ms: u64,
+    /// How long it ran before that, in milliseconds (pauses excluded).
+    #[serde(default)]
+    pub running_ms: u64,
+}
+
+impl SandboxRecord {
+    /// How long it has run in all, up to `now_ms`.
+    fn ran_ms(&self, now_ms: u64) -> u64 {
+        let current = match self.running_since_ms {
+            0 => 0,
+            since => now_ms.saturating_sub(since),
+        };
+        self.running_ms.saturating_add(current)
+    }
+}
+
+/// What the sandboxes of a team and template have used: the ended ones, plus the live ones
+/// so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The team.
+    pub team: String,
+    /// The template.
+    pub template: String,
+    /// Sandboxes made.
+    pub sandboxes: u64,
+    /// Time they ran (pauses excluded).
+    pub sandbox_seconds: f64,
+    /// CPU time they used.
+    pub cpu_seconds: f64,
+    /// Memory they held reserved (their limit) while running, in GiB times seconds.
+    pub memory_gib_seconds: f64,
+    /// Executions (commands, processes, cells) run in them.
+    pub executions: u64,
+}
+
+impl Usage {
+    fn add(&mut self, other: &Self) {
+        self.sandboxes += other.sandboxes;
+        self.sandbox_seconds += other.sandbox_seconds;
+        self.cpu_seconds += other.cpu_seconds;
+        self.memory_gib_seconds += other.memory_gib_seconds;
+        self.executions += other.executions;
+    }
 }
 
 /// How to make a sandbox. The defaults are closed: no environment, default limits, five
@@ -197,11 +247,34 @@ struct Entry {
     processes: Arc<ProcessTable>,
     /// The last CPU sample ([`SandboxManager::metrics`]): when, and the CPU time then.
     last_cpu: Option<(Instant, Duration)>,
+    /// Executions run in it (counted in memory; a crash loses the count of live sandboxes).
+    executions: u64,
 }
 
 impl Entry {
     fn new(record: SandboxRecord, sandbox: Sandbox) -> Self {
-        Self { record, sandbox: Arc::new(sandbox), processes: Arc::default(), last_cpu: None }
+        Self {
+            record,
+            sandbox: Arc::new(sandbox),
+            processes: Arc::default(),
+            last_cpu: None,
+            executions: 0,
+        }
+    }
+
+    /// What it has used so far.
+    fn usage(&self, now_ms: u64, cpu_time: Duration) -> Usage {
+        let seconds = Duration::from_millis(self.record.ran_ms(now_ms)).as_secs_f64();
+        let memory_gib = self.record.limits.memory_bytes as f64 / f64::from(1u32 << 30);
+        Usage {
+            team: self.record.team.clone(),
+            template: self.record.template.clone(),
+            sandboxes: 1,
+            sandbox_seconds: seconds,
+            cpu_seconds: cpu_time.as_secs_f64(),
+            memory_gib_seconds: memory_gib * seconds,
+            executions: self.executions,
+        }
     }
 }
 
@@ -301,7 +374,10 @@ impl SandboxManager {
                 }
             };
             if record.state == SandboxState::Running {
+                // When the server went down is not known: the time since its last start is
+                // not counted.
                 record.state = SandboxState::Paused;
+                record.running_since_ms = 0;
                 manager.store.put(SANDBOXES, record.id.as_str(), &record)?;
             }
             let entry = Entry::new(record, sandbox);
@@ -358,6 +434,8 @@ impl SandboxManager {
             auto_resume: request.auto_resume,
             lifetime_ms: u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX),
             team: request.team,
+            running_since_ms: now_ms(),
+            running_ms: 0,
         };
         if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
             let _ = sandbox.remove_files();
@@ -478,6 +556,51 @@ impl SandboxManager {
         Ok(record)
     }
 
+    /// Counts an execution (a command, a process, a cell) run in sandbox `id`.
+    pub fn count_execution(&self, id: &SandboxId) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.executions += 1;
+        }
+    }
+
+    fn add_usage(&self, used: &Usage) -> Result<(), ManagerError> {
+        let key = format!("{}\u{0}{}", used.team, used.template);
+        let mut total: Usage = self.store.get(USAGE, &key)?.unwrap_or_else(|| Usage {
+            team: used.team.clone(),
+            template: used.template.clone(),
+            ..Usage::default()
+        });
+        total.add(used);
+        self.store.put(USAGE, &key, &total)?;
+        Ok(())
+    }
+
+    /// What the sandboxes of `team` (of every team when `None`) used, by team and template:
+    /// the ended ones, plus the live ones so far.
+    pub fn usage(&self, team: Option<&str>) -> Result<Vec<Usage>, ManagerError> {
+        let mut totals: BTreeMap<(String, String), Usage> = BTreeMap::new();
+        for used in self.store.all::<Usage>(USAGE)? {
+            totals.insert((used.team.clone(), used.template.clone()), used);
+        }
+        let now = now_ms();
+        let live: Vec<Usage> = self
+            .lock()
+            .values()
+            .map(|entry| entry.usage(now, self.dispatcher.usage(&entry.sandbox).cpu_time))
+            .collect();
+        for used in live {
+            totals
+                .entry((used.team.clone(), used.template.clone()))
+                .or_insert_with(|| Usage {
+                    team: used.team.clone(),
+                    template: used.template.clone(),
+                    ..Usage::default()
+                })
+                .add(&used);
+        }
+        Ok(totals.into_values().filter(|u| team.is_none_or(|team| u.team == team)).collect())
+    }
+
     /// Sets the deadline to `timeout` from now (shorter or longer).
     pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<SandboxRecord, ManagerError> {
         check_timeout(timeout)?;
@@ -491,7 +614,9 @@ impl SandboxManager {
         let Ok(id) = self.find(id) else { return Ok(false) };
         let Some(entry) = self.lock().remove(&id) else { return Ok(false) };
         entry.processes.clear();
+        let used = entry.usage(now_ms(), self.dispatcher.usage(&entry.sandbox).cpu_time);
         self.dispatcher.close(&entry.sandbox).await;
+        self.add_usage(&used)?;
         self.store.remove(SANDBOXES, id.as_str())?;
         entry.sandbox.remove_files()?;
         Ok(true)
@@ -501,7 +626,12 @@ impl SandboxManager {
     pub async fn pause(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
         let sandbox = self.running(id)?;
         self.dispatcher.pause(&sandbox).await.map_err(|e| ManagerError::Tier(e.to_string()))?;
-        self.update(sandbox.id(), |r| r.state = SandboxState::Paused)
+        let now = now_ms();
+        self.update(sandbox.id(), |r| {
+            r.running_ms = r.ran_ms(now);
+            r.running_since_ms = 0;
+            r.state = SandboxState::Paused;
+        })
     }
 
     /// Resumes a paused sandbox with a new deadline `timeout` from now.
@@ -520,6 +650,7 @@ impl SandboxManager {
         self.update(&id, |r| {
             r.state = SandboxState::Running;
             r.end_at_ms = deadline_ms(timeout);
+            r.running_since_ms = now_ms();
         })
     }
 

@@ -246,3 +246,109 @@ async fn state_changes_and_refused_attempts_are_audited_per_team() {
     let (status, _) = call(&base, Some(&outsider), "GET", "/v1/audit?team=default", None).await;
     assert_eq!(status, 403, "another team's admin reads only its own team");
 }
+
+#[tokio::test]
+async fn quotas_hold_a_team_and_usage_is_counted() {
+    let (base, _data, app) = serve_app().await;
+    let keys = app.keys().expect("keys");
+    let (outsider, _) = keys.create("other", Role::Admin, "other team").expect("a key");
+    let quota = json!({"max_live_sandboxes": 1, "max_timeout_secs": 60, "max_memory_mib": 1024});
+    assert_eq!(
+        call(&base, Some(&outsider), "PUT", "/v1/quotas/other", Some(quota.clone())).await.0,
+        403,
+        "a team does not set its own quota"
+    );
+    assert_eq!(
+        call(&base, Some(TEST_API_KEY), "PUT", "/v1/quotas/other", Some(quota.clone())).await.0,
+        204
+    );
+    assert_eq!(call(&base, Some(&outsider), "GET", "/v1/quotas/other", None).await.1, quota);
+
+    let (status, answer) = call(
+        &base,
+        Some(&outsider),
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "base", "timeout": 120})),
+    )
+    .await;
+    assert_eq!(status, 400, "a timeout above the quota: {answer}");
+    assert!(answer["message"].as_str().is_some_and(|m| m.contains("quota")), "{answer}");
+    let (status, first) = call(
+        &base,
+        Some(&outsider),
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "python", "timeout": 60})),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, answer) = call(
+        &base,
+        Some(&outsider),
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "python", "timeout": 60})),
+    )
+    .await;
+    assert_eq!(status, 429, "one live sandbox at most: {answer}");
+    let (status, _) = call(
+        &base,
+        Some(TEST_API_KEY),
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "base"})),
+    )
+    .await;
+    assert_eq!(status, 201, "another team is not held by it");
+
+    // A cell run, then the sandbox killed: its use is counted for its team and template.
+    let id = first["sandboxID"].as_str().expect("an id").to_owned();
+    let token = first["envdAccessToken"].as_str().expect("a token").to_owned();
+    let headers = [
+        ("e2b-sandbox-id", id.as_str()),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, _, body) = http_request_with(
+        "POST",
+        &format!("{base}/execute"),
+        &headers,
+        Some(br#"{"code": "1 + 1"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        call(&base, Some(&outsider), "DELETE", &format!("/sandboxes/{id}"), None).await.0,
+        204
+    );
+    let (status, usage) = call(&base, Some(&outsider), "GET", "/v1/usage", None).await;
+    assert_eq!(status, 200, "{usage}");
+    let [row] = usage.as_array().expect("rows").as_slice() else { panic!("one row: {usage}") };
+    assert_eq!(
+        (row["team"].as_str(), row["template"].as_str()),
+        (Some("other"), Some("python")),
+        "{row}"
+    );
+    assert_eq!(
+        (row["sandboxes"].as_u64(), row["executions"].as_u64()),
+        (Some(1), Some(1)),
+        "{row}"
+    );
+    assert!(row["sandbox_seconds"].as_f64().is_some_and(|s| s > 0.1), "{row}");
+    assert!(row["cpu_seconds"].as_f64().is_some_and(|s| s > 0.0), "the cell's time: {row}");
+    assert!(row["memory_gib_seconds"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+    assert_eq!(call(&base, Some(&outsider), "GET", "/v1/usage?team=default", None).await.0, 403);
+    // And the quota has room again.
+    let (status, _) = call(
+        &base,
+        Some(&outsider),
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "python", "timeout": 60})),
+    )
+    .await;
+    assert_eq!(status, 201);
+}

@@ -242,6 +242,9 @@ async fn start(
         Ok(started) => started,
         Err(error) => return stream_error(process_error(error)),
     };
+    if let Some(manager) = app.manager() {
+        manager.count_execution(&live.record.id);
+    }
     follow(pid, terminal, follower, keepalive(&headers))
 }
 

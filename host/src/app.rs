@@ -27,6 +27,8 @@ pub struct App {
     audit: Option<Arc<crate::audit::AuditLog>>,
     /// The teams' quotas, beside them.
     quotas: Option<Arc<crate::quotas::Quotas>>,
+    /// Signed requests and session tokens (the server's secret).
+    tokens: Option<Arc<crate::tokens::Tokens>>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -117,6 +119,7 @@ impl App {
             keys: None,
             audit: None,
             quotas: None,
+            tokens: None,
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -148,6 +151,9 @@ impl App {
         self.keys = Some(Arc::new(crate::auth::Keys::new(manager.store().clone())));
         self.audit = Some(Arc::new(crate::audit::AuditLog::new(manager.store().clone())));
         self.quotas = Some(Arc::new(crate::quotas::Quotas::new(manager.store().clone())));
+        let tokens = crate::tokens::Tokens::open(root, None)
+            .map_err(|e| anyhow::anyhow!("opening the server's secret: {e}"))?;
+        self.tokens = Some(Arc::new(tokens));
         self.manager = Some(manager);
         Ok(self)
     }
@@ -165,6 +171,26 @@ impl App {
     /// The audit log, when this is a server.
     pub fn audit(&self) -> Option<&Arc<crate::audit::AuditLog>> {
         self.audit.as_ref()
+    }
+
+    /// Accepts the tokens of an OpenID Connect issuer too (after [`App::with_manager`]).
+    pub fn with_oidc(mut self, oidc: crate::tokens::OidcIssuer) -> Self {
+        if let Some(tokens) = self.tokens.take() {
+            let tokens = Arc::try_unwrap(tokens).map_or_else(
+                |shared| {
+                    tracing::warn!("the tokens are in use; the OIDC issuer is not added");
+                    shared
+                },
+                |tokens| Arc::new(tokens.with_oidc(oidc)),
+            );
+            self.tokens = Some(tokens);
+        }
+        self
+    }
+
+    /// Signed requests and session tokens, when this is a server.
+    pub fn tokens(&self) -> Option<&Arc<crate::tokens::Tokens>> {
+        self.tokens.as_ref()
     }
 
     /// The teams' quotas, when this is a server.

@@ -273,21 +273,34 @@ impl Keys {
         key: Option<&str>,
         source: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
-        if let Some(source) = source
-            && self.refused(source)
-        {
-            return Err(AuthError::RateLimited);
-        }
+        self.check_source(source)?;
         let result = match key {
             None => Err(AuthError::Missing),
             Some(key) => self.check(key),
         };
-        if result.is_err()
-            && let Some(source) = source
-        {
+        if result.is_err() {
             self.count_failure(source);
         }
         result
+    }
+
+    /// Refuses an address that failed too often lately.
+    pub fn check_source(&self, source: Option<IpAddr>) -> Result<(), AuthError> {
+        match source {
+            Some(source) if self.refused(source) => Err(AuthError::RateLimited),
+            _ => Ok(()),
+        }
+    }
+
+    /// Who key `id` is, unless it is unknown or revoked (for signatures and tokens made with
+    /// it, which stop working with it).
+    pub fn principal(&self, id: &str) -> Option<Principal> {
+        let record = self.record(id).ok()??;
+        (!record.revoked).then_some(Principal {
+            key_id: record.id,
+            team: record.team,
+            role: record.role,
+        })
     }
 
     fn check(&self, key: &str) -> Result<Principal, AuthError> {
@@ -313,7 +326,9 @@ impl Keys {
         })
     }
 
-    fn count_failure(&self, source: IpAddr) {
+    /// Counts a failed attempt from `source`.
+    pub fn count_failure(&self, source: Option<IpAddr>) {
+        let Some(source) = source else { return };
         let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         // Forget addresses whose window has passed, so the table stays small.
         failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);

@@ -141,6 +141,15 @@ struct ServeArgs {
     /// Without it, the first start makes one and prints it once.
     #[arg(long, env = "SOULBOX_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
+    /// An OpenID Connect issuer whose tokens are accepted (its `iss`); needs the two below.
+    #[arg(long, env = "SOULBOX_OIDC_ISSUER", requires_all = ["oidc_audience", "oidc_jwks_url"])]
+    oidc_issuer: Option<String>,
+    /// The audience (`aud`) its tokens must carry.
+    #[arg(long, env = "SOULBOX_OIDC_AUDIENCE")]
+    oidc_audience: Option<String>,
+    /// Where its signing keys (JWKS) are, fetched at start.
+    #[arg(long, env = "SOULBOX_OIDC_JWKS_URL")]
+    oidc_jwks_url: Option<String>,
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -456,6 +465,19 @@ fn bootstrap_keys(keys: &crate::auth::Keys, admin_key: Option<&str>) -> anyhow::
 }
 
 async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let app = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks_url) {
+        (Some(issuer), Some(audience), Some(jwks_url)) => {
+            let jwks = crate::tokens::fetch_jwks(jwks_url).await.map_err(|e| {
+                anyhow::anyhow!("fetching the OIDC issuer's keys from {jwks_url}: {e}")
+            })?;
+            app.with_oidc(crate::tokens::OidcIssuer {
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                jwks,
+            })
+        }
+        _ => app,
+    };
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
             .iter()

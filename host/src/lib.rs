@@ -13,3 +13,4 @@ mod interpreter;
 pub mod quotas;
 mod remote;
 pub mod server;
+pub mod tokens;

@@ -42,6 +42,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/audit", get(audit_log))
         .route("/v1/usage", get(usage))
+        .route("/v1/tokens", post(issue_token))
         .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
@@ -61,6 +62,9 @@ fn required_role(method: &axum::http::Method, path: &str) -> Role {
     let admin_only = ["/v1/keys", "/v1/audit", "/v1/usage", "/v1/quotas"];
     if admin_only.iter().any(|prefix| path.starts_with(prefix)) {
         Role::Admin
+    } else if path == "/v1/tokens" {
+        // Any key may have a session token of its own (with its own role).
+        Role::Viewer
     } else if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Role::Viewer
     } else {
@@ -83,11 +87,80 @@ fn auth_error(path: &str, status: StatusCode, message: String) -> Response {
     response
 }
 
-/// Checks the request's API key (`X-API-KEY`, or `Authorization: Bearer`) and role, and hands
-/// its [`Principal`] to the handler.
+/// Who made a request, by the first of: a request signature (`X-Soulbox-Signature`), a JWT
+/// bearer (a session token or an OIDC issuer's), an API key (`X-API-KEY` or bearer). The
+/// request comes back whole (a signed one's body was read to check it). A missing or wrong key
+/// is 401, a wrong, expired or replayed signature or token 403.
+async fn identify(
+    app: &App,
+    keys: &crate::auth::Keys,
+    request: axum::extract::Request,
+    key: Option<&str>,
+    source: Option<std::net::IpAddr>,
+) -> Result<(Principal, axum::extract::Request), (StatusCode, String)> {
+    use crate::tokens::TokenError;
+    let auth_failed = |error: AuthError| {
+        let status = match error {
+            AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::Missing | AuthError::Invalid | AuthError::Malformed => {
+                StatusCode::UNAUTHORIZED
+            }
+            AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, error.to_string())
+    };
+    let token_failed = |error: TokenError| {
+        let status = match error {
+            TokenError::Refused(_) => StatusCode::FORBIDDEN,
+            TokenError::KeyInvalid => StatusCode::UNAUTHORIZED,
+            TokenError::Secret { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, error.to_string())
+    };
+    keys.check_source(source).map_err(auth_failed)?;
+    let headers = request.headers();
+    let header = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned).unwrap_or_default()
+    };
+    let (signature, key_id, timestamp) =
+        (header("x-soulbox-signature"), header("x-soulbox-key-id"), header("x-soulbox-timestamp"));
+    let tokens = app.tokens();
+    if !signature.is_empty() {
+        let tokens =
+            tokens.ok_or((StatusCode::SERVICE_UNAVAILABLE, "no server secret".to_owned()))?;
+        let (parts, body) = request.into_parts();
+        let body = axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await.map_err(|e| {
+            (StatusCode::PAYLOAD_TOO_LARGE, format!("reading the signed body: {e}"))
+        })?;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let principal = tokens
+            .verify_signed(
+                keys,
+                &key_id,
+                &timestamp,
+                &signature,
+                parts.method.as_str(),
+                &path_and_query,
+                &body,
+            )
+            .map_err(token_failed)?;
+        return Ok((principal, axum::extract::Request::from_parts(parts, Body::from(body))));
+    }
+    if let Some(token) = key.filter(|k| k.matches('.').count() == 2) {
+        let tokens =
+            tokens.ok_or((StatusCode::SERVICE_UNAVAILABLE, "no server secret".to_owned()))?;
+        let principal = tokens.verify_jwt(keys, token).map_err(token_failed)?;
+        return Ok((principal, request));
+    }
+    let principal = keys.verify(key, None).map_err(auth_failed)?;
+    Ok((principal, request))
+}
+
+/// Checks the request's credentials (see [`identify`]) and role, audits it, and hands its
+/// [`Principal`] to the handler.
 async fn authenticate(
     State(app): State<App>,
-    mut request: axum::extract::Request,
+    request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path().to_owned();
@@ -123,20 +196,15 @@ async fn authenticate(
             }
         }
     };
-    let principal = match keys.verify(key.as_deref(), source) {
-        Ok(principal) => principal,
-        Err(error) => {
-            let status = match error {
-                AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                AuthError::Missing | AuthError::Invalid | AuthError::Malformed => {
-                    StatusCode::UNAUTHORIZED
-                }
-                AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
+    let identified = match identify(&app, keys, request, key.as_deref(), source).await {
+        Ok(identified) => identified,
+        Err((status, message)) => {
+            keys.count_failure(source);
             audit("-", "-", status);
-            return auth_error(&path, status, error.to_string());
+            return auth_error(&path, status, message);
         }
     };
+    let (principal, mut request) = identified;
     let needed = required_role(request.method(), &path);
     if principal.role < needed {
         let message = format!(
@@ -330,7 +398,37 @@ async fn create_key(
     };
     let (key, info) =
         keys_of(&app)?.create(&team, role, &request.name).map_err(|e| key_failure(&e))?;
-    Ok((StatusCode::CREATED, Json(json!({ "key": key, "info": info }))).into_response())
+    // The key's signing secret (for signed requests) is derived, stored nowhere: shown now.
+    let signing_secret = app.tokens().map(|t| t.signing_secret(&info.id));
+    let answer = json!({ "key": key, "info": info, "signing_secret": signing_secret });
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct NewToken {
+    ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/tokens`: a session token (a JWT) for the calling key, for a browser or a
+/// terminal; it lives `ttl_secs` (default and maximum one hour) and ends with the key.
+async fn issue_token(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let bytes: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    let request: NewToken = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    let tokens = app.tokens().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_tokens", "this server issues no tokens")
+    })?;
+    let ttl = request.ttl_secs.map_or(crate::tokens::MAX_TOKEN_TTL, std::time::Duration::from_secs);
+    let (token, expires_at) = tokens.issue(&principal, ttl).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "token_failed", e.to_string())
+    })?;
+    Ok((StatusCode::CREATED, Json(json!({ "token": token, "expires_at": expires_at })))
+        .into_response())
 }
 
 /// `GET /v1/keys`: the caller's team's keys (ids, never the keys).

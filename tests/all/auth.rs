@@ -352,3 +352,196 @@ async fn quotas_hold_a_team_and_usage_is_counted() {
     .await;
     assert_eq!(status, 201);
 }
+
+/// Signs a request as `tokens.rs` documents it.
+fn sign(secret: &str, method: &str, path: &str, timestamp: u64, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let message = format!("{method}\n{path}\n{timestamp}\n{}", hex(&Sha256::digest(body)));
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any length");
+    mac.update(message.as_bytes());
+    hex(&mac.finalize().into_bytes())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs()
+}
+
+#[tokio::test]
+async fn signed_requests_are_checked_for_tampering_age_and_replay() {
+    let (base, _data, _app) = serve_app().await;
+    let (_, made) =
+        call(&base, Some(TEST_API_KEY), "POST", "/v1/keys", Some(json!({"role": "member"}))).await;
+    let id = made["info"]["id"].as_str().expect("an id").to_owned();
+    let secret =
+        made["signing_secret"].as_str().expect("its signing secret, shown once").to_owned();
+    let signed = |method: &'static str,
+                  path: &'static str,
+                  body: Vec<u8>,
+                  timestamp: u64,
+                  signature: String| {
+        let (base, id) = (base.clone(), id.clone());
+        async move {
+            let timestamp = timestamp.to_string();
+            let headers = [
+                ("x-soulbox-key-id", id.as_str()),
+                ("x-soulbox-timestamp", timestamp.as_str()),
+                ("x-soulbox-signature", signature.as_str()),
+                ("content-type", "application/json"),
+            ];
+            http_request_with(method, &format!("{base}{path}"), &headers, Some(body)).await.0
+        }
+    };
+    let now = unix_now();
+    let body = br#"{"templateID": "base"}"#.to_vec();
+    let good = sign(&secret, "POST", "/v2/sandboxes", now, &body);
+    assert_eq!(signed("POST", "/v2/sandboxes", body.clone(), now, good.clone()).await, 201);
+    assert_eq!(signed("POST", "/v2/sandboxes", body.clone(), now, good).await, 403, "a replay");
+    let tampered = sign(&secret, "POST", "/v2/sandboxes", now, b"{}");
+    assert_eq!(
+        signed("POST", "/v2/sandboxes", body.clone(), now, tampered).await,
+        403,
+        "another body"
+    );
+    let old = now - 3600;
+    let stale = sign(&secret, "POST", "/v2/sandboxes", old, &body);
+    assert_eq!(signed("POST", "/v2/sandboxes", body.clone(), old, stale).await, 403, "too old");
+    let listed = sign(&secret, "GET", "/v2/sandboxes?limit=5", now, b"");
+    assert_eq!(
+        signed("GET", "/v2/sandboxes?limit=5", vec![], now, listed).await,
+        200,
+        "the query is signed too"
+    );
+    assert_eq!(
+        call(&base, Some(TEST_API_KEY), "DELETE", &format!("/v1/keys/{id}"), None).await.0,
+        204
+    );
+    let after = sign(&secret, "GET", "/v2/sandboxes", now, b"");
+    assert_eq!(
+        signed("GET", "/v2/sandboxes", vec![], now, after).await,
+        401,
+        "a revoked key signs nothing"
+    );
+}
+
+#[tokio::test]
+async fn session_tokens_act_for_their_key_until_they_expire_or_it_is_revoked() {
+    let (base, _data, app) = serve_app().await;
+    let (viewer, viewer_info) =
+        app.keys().expect("keys").create(DEFAULT_TEAM, Role::Viewer, "v").expect("a key");
+    let (status, issued) =
+        call(&base, Some(&viewer), "POST", "/v1/tokens", Some(json!({"ttl_secs": 60}))).await;
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["token"].as_str().expect("a token").to_owned();
+    assert_eq!(call(&base, Some(&token), "GET", "/v2/sandboxes", None).await.0, 200);
+    let (status, _) =
+        call(&base, Some(&token), "POST", "/v2/sandboxes", Some(json!({"templateID": "base"})))
+            .await;
+    assert_eq!(status, 403, "a viewer's token is a viewer's");
+    let mut tampered = token.clone();
+    let last = tampered.pop().expect("a character");
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(call(&base, Some(&tampered), "GET", "/v2/sandboxes", None).await.0, 403, "tampered");
+    let (_, short) =
+        call(&base, Some(&viewer), "POST", "/v1/tokens", Some(json!({"ttl_secs": 1}))).await;
+    let short = short["token"].as_str().expect("a token").to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(call(&base, Some(&short), "GET", "/v2/sandboxes", None).await.0, 403, "expired");
+    assert!(app.keys().expect("keys").revoke(&viewer_info.id, DEFAULT_TEAM).expect("revoke"));
+    assert_eq!(
+        call(&base, Some(&token), "GET", "/v2/sandboxes", None).await.0,
+        401,
+        "its key revoked"
+    );
+}
+
+#[tokio::test]
+async fn tokens_of_an_openid_connect_issuer_are_accepted_with_its_keys() {
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use ring::signature::KeyPair;
+    // A local issuer: an Ed25519 key, its JWKS served over HTTP on loopback.
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .expect("a key");
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a key pair");
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+    let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA", "use": "sig"}]});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let jwks_url = format!("http://{}/jwks.json", listener.local_addr().expect("address"));
+    let body = jwks.to_string();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        }
+    });
+    let keys = soulbox_host::tokens::fetch_jwks(&jwks_url).await.expect("the JWKS");
+    let issuer = soulbox_host::tokens::OidcIssuer {
+        issuer: "https://idp.test".into(),
+        audience: "soulbox".into(),
+        jwks: keys,
+    };
+    let (base, _data, _app) = soulbox_tests::serve_configured(|app| app.with_oidc(issuer)).await;
+
+    let token = |claims: Value| {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(pkcs8.as_ref()))
+            .expect("a token")
+    };
+    let exp = unix_now() + 300;
+    let good = token(
+        json!({"iss": "https://idp.test", "aud": "soulbox", "sub": "alice", "exp": exp, "soulbox_team": "research", "soulbox_role": "member"}),
+    );
+    let (status, created) =
+        call(&base, Some(&good), "POST", "/v2/sandboxes", Some(json!({"templateID": "base"})))
+            .await;
+    assert_eq!(status, 201, "{created}");
+    let (_, listed) = call(&base, Some(&good), "GET", "/v2/sandboxes", None).await;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "the sandbox is team research's: {listed}"
+    );
+    assert_eq!(
+        call(&base, Some(TEST_API_KEY), "GET", "/v2/sandboxes", None).await.1,
+        json!([]),
+        "not the default team's"
+    );
+    for (claims, what) in [
+        (
+            json!({"iss": "https://other.test", "aud": "soulbox", "sub": "a", "exp": exp, "soulbox_team": "research", "soulbox_role": "admin"}),
+            "another issuer",
+        ),
+        (
+            json!({"iss": "https://idp.test", "aud": "elsewhere", "sub": "a", "exp": exp, "soulbox_team": "research", "soulbox_role": "admin"}),
+            "another audience",
+        ),
+        (
+            json!({"iss": "https://idp.test", "aud": "soulbox", "sub": "a", "exp": unix_now() - 10, "soulbox_team": "research", "soulbox_role": "admin"}),
+            "expired",
+        ),
+    ] {
+        assert_eq!(
+            call(&base, Some(&token(claims)), "GET", "/v2/sandboxes", None).await.0,
+            403,
+            "{what}"
+        );
+    }
+    // Signed with a key the issuer does not have.
+    let stranger =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .expect("a key");
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some("k1".into());
+    let forged = jsonwebtoken::encode(&header, &json!({"iss": "https://idp.test", "aud": "soulbox", "sub": "a", "exp": exp, "soulbox_team": "default", "soulbox_role": "admin"}), &EncodingKey::from_ed_der(stranger.as_ref())).expect("a token");
+    assert_eq!(call(&base, Some(&forged), "GET", "/v1/keys", None).await.0, 403, "a forged token");
+}

@@ -161,6 +161,13 @@ pub async fn serve_with_manager() -> (String, tempfile::TempDir) {
 
 /// [`serve_with_manager`], also giving the server's `App` (to reach its keys directly).
 pub async fn serve_app() -> (String, tempfile::TempDir, soulbox_host::app::App) {
+    serve_configured(|app| app).await
+}
+
+/// [`serve_app`] with the app configured by `configure` before it serves.
+pub async fn serve_configured(
+    configure: impl FnOnce(soulbox_host::app::App) -> soulbox_host::app::App,
+) -> (String, tempfile::TempDir, soulbox_host::app::App) {
     // The packs come from the shared data directory; the sandboxes live in a fresh one.
     wasm_backend().await;
     let data = tempfile::tempdir().expect("tempdir");
@@ -176,6 +183,7 @@ pub async fn serve_app() -> (String, tempfile::TempDir, soulbox_host::app::App) 
         "tests",
     )
     .expect("the test key");
+    let app = configure(app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let address = listener.local_addr().expect("address");
     let served = app.clone();

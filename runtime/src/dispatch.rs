@@ -293,6 +293,11 @@ impl Dispatcher {
         )
     }
 
+    /// What the sandbox uses, by tier.
+    pub fn usage_by_tier(&self, sandbox: &Sandbox) -> Vec<(Tier, ResourceUsage)> {
+        self.backends.iter().map(|b| (b.tier(), b.usage(sandbox.id()))).collect()
+    }
+
     /// Forgets the kernels of a cell context in every tier ([`Backend::reset_context`]).
     pub async fn reset_context(&self, sandbox: &Sandbox, context: &str) {
         for backend in &self.backends {

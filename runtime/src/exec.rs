@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use crate::limits::{Limits, OutputStream};
 
 /// The two tiers an execution can run in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// A WASI module in wasmtime.

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::ResourceUsage;
 use crate::dispatch::Dispatcher;
-use crate::exec::TierPreference;
+use crate::exec::{Tier, TierPreference};
 use crate::limits::{Limits, LimitsError};
 use crate::process::ProcessTable;
 use crate::sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
@@ -130,6 +131,9 @@ pub struct Usage {
     pub sandbox_seconds: f64,
     /// CPU time they used.
     pub cpu_seconds: f64,
+    /// The same, by tier (`wasm`, `native`).
+    #[serde(default)]
+    pub cpu_seconds_by_tier: BTreeMap<Tier, f64>,
     /// Memory they held reserved (their limit) while running, in GiB times seconds.
     pub memory_gib_seconds: f64,
     /// Executions (commands, processes, cells) run in them.
@@ -141,6 +145,9 @@ impl Usage {
         self.sandboxes += other.sandboxes;
         self.sandbox_seconds += other.sandbox_seconds;
         self.cpu_seconds += other.cpu_seconds;
+        for (tier, seconds) in &other.cpu_seconds_by_tier {
+            *self.cpu_seconds_by_tier.entry(*tier).or_default() += seconds;
+        }
         self.memory_gib_seconds += other.memory_gib_seconds;
         self.executions += other.executions;
     }
@@ -262,8 +269,11 @@ impl Entry {
         }
     }
 
-    /// What it has used so far.
-    fn usage(&self, now_ms: u64, cpu_time: Duration) -> Usage {
+    /// What it has used so far, given what each tier says it used.
+    fn usage(&self, now_ms: u64, by_tier: &[(Tier, ResourceUsage)]) -> Usage {
+        let cpu_seconds_by_tier: BTreeMap<Tier, f64> =
+            by_tier.iter().map(|(tier, used)| (*tier, used.cpu_time.as_secs_f64())).collect();
+        let cpu_time: Duration = by_tier.iter().map(|(_, used)| used.cpu_time).sum();
         let seconds = Duration::from_millis(self.record.ran_ms(now_ms)).as_secs_f64();
         let memory_gib = self.record.limits.memory_bytes as f64 / f64::from(1u32 << 30);
         Usage {
@@ -272,6 +282,7 @@ impl Entry {
             sandboxes: 1,
             sandbox_seconds: seconds,
             cpu_seconds: cpu_time.as_secs_f64(),
+            cpu_seconds_by_tier,
             memory_gib_seconds: memory_gib * seconds,
             executions: self.executions,
         }
@@ -586,7 +597,7 @@ impl SandboxManager {
         let live: Vec<Usage> = self
             .lock()
             .values()
-            .map(|entry| entry.usage(now, self.dispatcher.usage(&entry.sandbox).cpu_time))
+            .map(|entry| entry.usage(now, &self.dispatcher.usage_by_tier(&entry.sandbox)))
             .collect();
         for used in live {
             totals
@@ -614,7 +625,7 @@ impl SandboxManager {
         let Ok(id) = self.find(id) else { return Ok(false) };
         let Some(entry) = self.lock().remove(&id) else { return Ok(false) };
         entry.processes.clear();
-        let used = entry.usage(now_ms(), self.dispatcher.usage(&entry.sandbox).cpu_time);
+        let used = entry.usage(now_ms(), &self.dispatcher.usage_by_tier(&entry.sandbox));
         self.dispatcher.close(&entry.sandbox).await;
         self.add_usage(&used)?;
         self.store.remove(SANDBOXES, id.as_str())?;

@@ -339,6 +339,7 @@ async fn quotas_hold_a_team_and_usage_is_counted() {
     );
     assert!(row["sandbox_seconds"].as_f64().is_some_and(|s| s > 0.1), "{row}");
     assert!(row["cpu_seconds"].as_f64().is_some_and(|s| s > 0.0), "the cell's time: {row}");
+    assert!(row["cpu_seconds_by_tier"]["wasm"].as_f64().is_some_and(|s| s > 0.0), "by tier: {row}");
     assert!(row["memory_gib_seconds"].as_f64().is_some_and(|s| s > 0.0), "{row}");
     assert_eq!(call(&base, Some(&outsider), "GET", "/v1/usage?team=default", None).await.0, 403);
     // And the quota has room again.

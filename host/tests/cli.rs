@@ -435,9 +435,17 @@ fn after_kill_9_every_sandbox_and_file_comes_back_and_running_ones_are_paused() 
             );
             stream.write_all(head.as_bytes()).expect("send");
             stream.write_all(&envelope).expect("send");
+            // The head and the first frame may come in separate reads.
+            let mut seen = Vec::new();
             let mut buffer = [0u8; 1024];
-            let n = stream.read(&mut buffer).expect("the start event");
-            text(&buffer[..n])
+            while !text(&seen).contains("start") {
+                let n = stream.read(&mut buffer).expect("the start event");
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buffer[..n]);
+            }
+            text(&seen)
         }
     });
     let first = started.join().expect("the stream");

@@ -843,3 +843,127 @@ async fn call_size_obeyed() {
     }
     assert_eq!(String::from_utf8_lossy(&count).trim(), (8 << 20).to_string());
 }
+
+#[tokio::test]
+async fn every_data_plane_route_refuses_a_missing_wrong_or_foreign_token_and_changes_nothing() {
+    let (base, id, _token, data) = sandbox().await;
+    let body = serde_json::to_vec(&json!({"templateID": "base"})).expect("json");
+    let (_, _, other) = http_request("POST", &format!("{base}/v2/sandboxes"), Some(body)).await;
+    let foreign = json_of(&other)["envdAccessToken"].as_str().expect("a token").to_owned();
+    let workspace = data.path().join("sandboxes").join(&id).join("workspace");
+    let unary = "application/json";
+    let stream = "application/connect+json";
+    let envelope = |message: Value| {
+        let payload = serde_json::to_vec(&message).expect("json");
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+        framed.extend_from_slice(&payload);
+        framed
+    };
+    let routes: Vec<(&str, &str, &str, Vec<u8>)> = vec![
+        (
+            "POST",
+            "/process.Process/Start",
+            stream,
+            envelope(json!({"process": {"cmd": "/bin/touch", "args": ["/home/user/started"]}})),
+        ),
+        ("POST", "/process.Process/Connect", stream, envelope(json!({"process": {"pid": 1}}))),
+        ("POST", "/process.Process/List", unary, b"{}".to_vec()),
+        (
+            "POST",
+            "/process.Process/SendInput",
+            unary,
+            br#"{"process":{"pid":1},"input":{"stdin":"eA=="}}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/process.Process/StreamInput",
+            stream,
+            envelope(json!({"start": {"process": {"pid": 1}}})),
+        ),
+        (
+            "POST",
+            "/process.Process/SendSignal",
+            unary,
+            br#"{"process":{"pid":1},"signal":"SIGNAL_SIGKILL"}"#.to_vec(),
+        ),
+        ("POST", "/process.Process/CloseStdin", unary, br#"{"process":{"pid":1}}"#.to_vec()),
+        ("POST", "/process.Process/Update", unary, br#"{"process":{"pid":1}}"#.to_vec()),
+        ("POST", "/filesystem.Filesystem/Stat", unary, br#"{"path":"/home/user"}"#.to_vec()),
+        (
+            "POST",
+            "/filesystem.Filesystem/MakeDir",
+            unary,
+            br#"{"path":"/home/user/made"}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/filesystem.Filesystem/Move",
+            unary,
+            br#"{"source":"/home/user/kept","destination":"/home/user/moved"}"#.to_vec(),
+        ),
+        ("POST", "/filesystem.Filesystem/ListDir", unary, br#"{"path":"/home/user"}"#.to_vec()),
+        ("POST", "/filesystem.Filesystem/Remove", unary, br#"{"path":"/home/user/kept"}"#.to_vec()),
+        (
+            "POST",
+            "/filesystem.Filesystem/WatchDir",
+            stream,
+            envelope(json!({"path": "/home/user"})),
+        ),
+        (
+            "POST",
+            "/filesystem.Filesystem/CreateWatcher",
+            unary,
+            br#"{"path":"/home/user"}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/filesystem.Filesystem/GetWatcherEvents",
+            unary,
+            br#"{"watcherId":"x"}"#.to_vec(),
+        ),
+        ("POST", "/filesystem.Filesystem/RemoveWatcher", unary, br#"{"watcherId":"x"}"#.to_vec()),
+        ("GET", "/files?path=kept", "", vec![]),
+        ("POST", "/files?path=kept", "application/octet-stream", b"overwritten".to_vec()),
+        ("GET", "/metrics", "", vec![]),
+    ];
+    std::fs::write(workspace.join("kept"), "original").expect("a file");
+    for (method, path, content_type, body) in &routes {
+        for (token, what) in [
+            (None, "no token"),
+            (Some("wrong"), "a wrong token"),
+            (Some(foreign.as_str()), "another sandbox's token"),
+        ] {
+            let (status, answer) =
+                envd(&base, &id, token, method, path, content_type, body.clone()).await;
+            assert_eq!(
+                status,
+                401,
+                "{method} {path} with {what}: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+    }
+    // The code interpreter's /execute too.
+    for token in [None, Some(foreign.as_str())] {
+        let mut headers = vec![
+            ("e2b-sandbox-id", id.as_str()),
+            ("e2b-sandbox-port", "49999"),
+            ("content-type", "application/json"),
+        ];
+        if let Some(token) = token {
+            headers.push(("x-access-token", token));
+        }
+        let url = format!("{base}/execute");
+        let code = br#"{"code": "open('/home/user/ran', 'w')"}"#.to_vec();
+        assert_eq!(http_request_with("POST", &url, &headers, Some(code)).await.0, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut left: Vec<String> = std::fs::read_dir(&workspace)
+        .expect("the workspace")
+        .map(|e| e.expect("an entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["kept"], "nothing was made, moved or removed");
+    assert_eq!(std::fs::read_to_string(workspace.join("kept")).expect("read"), "original");
+}

@@ -63,6 +63,15 @@ enum Command {
     Usage(crate::remote::UsageArgs),
     /// Show or set a team's quota (setting: admins of the default team).
     Quota(crate::remote::QuotaArgs),
+    /// Create, list, show, pause, resume and kill sandboxes of a server.
+    #[command(subcommand)]
+    Sandbox(crate::remote::SandboxCommand),
+    /// Run a command in a sandbox; exits with its exit code.
+    Exec(crate::remote::ExecArgs),
+    /// List the processes running in a sandbox.
+    Ps(crate::remote::PsArgs),
+    /// Show (and with -f follow) what a sandbox's processes write.
+    Logs(crate::remote::LogsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +202,10 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Audit(args) => Ok(crate::remote::audit(args).await),
         Command::Usage(args) => Ok(crate::remote::usage(args).await),
         Command::Quota(args) => Ok(crate::remote::quota(args).await),
+        Command::Sandbox(command) => Ok(crate::remote::sandbox(command).await),
+        Command::Exec(args) => Ok(crate::remote::exec(args).await),
+        Command::Ps(args) => Ok(crate::remote::ps(args).await),
+        Command::Logs(args) => Ok(crate::remote::logs(args).await),
     }
 }
 

@@ -106,7 +106,7 @@ impl From<ManagerError> for E2bError {
 
 /// The manager, with sandbox `id` checked to be of the caller's team: another team's sandbox
 /// is not found, exactly as a missing one.
-fn owned<'a>(
+pub(crate) fn owned<'a>(
     app: &'a App,
     principal: &Principal,
     id: &str,

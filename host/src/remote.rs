@@ -470,3 +470,382 @@ pub(crate) async fn quota(args: QuotaArgs) -> ExitCode {
         .await,
     )
 }
+
+/// `soulbox sandbox`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SandboxCommand {
+    /// Make a sandbox; prints its id.
+    #[command(after_help = "Examples:
+  soulbox sandbox create
+  soulbox sandbox create --template python --timeout 1h --json")]
+    Create {
+        /// The template: base, code-interpreter-v1, python, javascript, ruby.
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// How long it lives, such as 10m or 2h.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List the team's sandboxes.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a sandbox.
+    Info {
+        /// The sandbox's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Pause a sandbox (its processes stop where they are; its files stay).
+    Pause {
+        /// The sandbox's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Resume a paused sandbox.
+    Resume {
+        /// The sandbox's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Kill a sandbox and remove its files.
+    Kill {
+        /// The sandbox's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// `soulbox exec`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox exec $ID -- ls -la
+  soulbox exec $ID -- sh -c 'make && ./test'")]
+pub(crate) struct ExecArgs {
+    /// The sandbox's id.
+    id: String,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+    /// Run it as the sandbox's root.
+    #[arg(long)]
+    root: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `soulbox ps`.
+#[derive(Debug, Args)]
+pub(crate) struct PsArgs {
+    /// The sandbox's id.
+    id: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `soulbox logs`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  soulbox logs $ID
+  soulbox logs -f $ID")]
+pub(crate) struct LogsArgs {
+    /// The sandbox's id.
+    id: String,
+    /// Keep following what its processes write.
+    #[arg(short, long)]
+    follow: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+impl ApiClient {
+    /// A call whose answer is read as it comes: the response. A sandbox's data plane takes
+    /// its access token (in `headers`), not the API key.
+    async fn open(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let url = format!("{}{path}", self.base);
+        let mut request = hyper::Request::builder().method(method).uri(&url);
+        if !headers.iter().any(|(name, _)| *name == "e2b-sandbox-id") {
+            request = request.header("authorization", format!("Bearer {}", self.key));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::from(body)))?;
+        client
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))
+    }
+
+    /// The data-plane headers of sandbox `id` (its access token comes from `connect`, which
+    /// also resumes it if it was paused).
+    async fn sandbox_headers(&self, id: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let connected =
+            self.expect("POST", &format!("/v2/sandboxes/{id}/connect"), Some(json!({}))).await?;
+        let token = connected["envdAccessToken"].as_str().unwrap_or_default().to_owned();
+        Ok(vec![("e2b-sandbox-id".to_owned(), id.to_owned()), ("x-access-token".to_owned(), token)])
+    }
+}
+
+fn time_of(ms: Option<u64>) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unwrap_or_default());
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+pub(crate) async fn sandbox(command: SandboxCommand) -> ExitCode {
+    report(
+        async {
+            match command {
+                SandboxCommand::Create { template, timeout, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let body = json!({ "templateID": template, "timeout": timeout.as_secs() });
+                    let made = client.expect("POST", "/v2/sandboxes", Some(body)).await?;
+                    if server.json {
+                        return print_json(&made);
+                    }
+                    println!("{}", made["sandboxID"].as_str().unwrap_or_default());
+                    Ok(())
+                }
+                SandboxCommand::List { server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let listed = client.expect("GET", "/v2/sandboxes", None).await?;
+                    if server.json {
+                        return print_json(&listed);
+                    }
+                    println!(
+                        "{:<22} {:<20} {:<8} {:<22} ENDS",
+                        "ID", "TEMPLATE", "STATE", "STARTED"
+                    );
+                    for sandbox in listed.as_array().into_iter().flatten() {
+                        println!(
+                            "{:<22} {:<20} {:<8} {:<22} {}",
+                            sandbox["sandboxID"].as_str().unwrap_or_default(),
+                            sandbox["templateID"].as_str().unwrap_or_default(),
+                            sandbox["state"].as_str().unwrap_or_default(),
+                            sandbox["startedAt"].as_str().unwrap_or_default(),
+                            sandbox["endAt"].as_str().unwrap_or_default(),
+                        );
+                    }
+                    Ok(())
+                }
+                SandboxCommand::Info { id, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let info = client.expect("GET", &format!("/sandboxes/{id}"), None).await?;
+                    if server.json {
+                        return print_json(&info);
+                    }
+                    for field in
+                        ["sandboxID", "templateID", "state", "startedAt", "endAt", "memoryMB"]
+                    {
+                        println!("{field:<11} {}", info[field].to_string().trim_matches('"'));
+                    }
+                    Ok(())
+                }
+                SandboxCommand::Pause { id, server } => {
+                    simple(&server, "POST", &format!("/sandboxes/{id}/pause"), "paused", &id).await
+                }
+                SandboxCommand::Resume { id, server } => {
+                    simple(&server, "POST", &format!("/sandboxes/{id}/resume"), "resumed", &id)
+                        .await
+                }
+                SandboxCommand::Kill { id, server } => {
+                    simple(&server, "DELETE", &format!("/sandboxes/{id}"), "killed", &id).await
+                }
+            }
+        }
+        .await,
+    )
+}
+
+/// A call with no answer worth showing: says what was done.
+async fn simple(
+    server: &ServerArgs,
+    method: &str,
+    path: &str,
+    done: &str,
+    id: &str,
+) -> anyhow::Result<()> {
+    let client = ApiClient::resolve(server)?;
+    client.expect(method, path, Some(json!({}))).await?;
+    if server.json {
+        return print_json(&json!({ "sandbox": id, "state": done }));
+    }
+    println!("{done} {id}");
+    Ok(())
+}
+
+/// Runs a command in a sandbox, streaming its output; exits with its exit code.
+pub(crate) async fn exec(args: ExecArgs) -> ExitCode {
+    match run_exec(&args).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("soulbox: {error:#}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+async fn run_exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    use base64::Engine;
+    let client = ApiClient::resolve(&args.server)?;
+    let mut headers = client.sandbox_headers(&args.id).await?;
+    headers.push(("content-type".to_owned(), "application/connect+json".to_owned()));
+    if args.root {
+        let user = base64::engine::general_purpose::STANDARD.encode("root:");
+        headers.push(("authorization".to_owned(), format!("Basic {user}")));
+    }
+    let (cmd, rest) = args.command.split_first().context("no command given")?;
+    let message =
+        serde_json::to_vec(&json!({ "process": { "cmd": cmd, "args": rest }, "stdin": false }))?;
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    body.extend_from_slice(&message);
+    let borrowed: Vec<(&str, &str)> =
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let response = client.open("POST", "/process.Process/Start", &borrowed, body).await?;
+    let mut incoming = response.into_body();
+    let mut buffer = Vec::new();
+    let decode =
+        |text: &str| base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default();
+    while let Some(frame) = incoming.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        buffer.extend_from_slice(&data);
+        while buffer.len() >= 5 {
+            let len =
+                usize::try_from(u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]))?;
+            if buffer.len() < 5 + len {
+                break;
+            }
+            let flags = buffer[0];
+            let message: Value = serde_json::from_slice(&buffer[5..5 + len]).unwrap_or(Value::Null);
+            buffer.drain(..5 + len);
+            if flags & 2 != 0 {
+                if let Some(error) = message["error"]["message"].as_str() {
+                    bail!("the command could not run: {error}");
+                }
+                continue;
+            }
+            let event = &message["event"];
+            if let Some(out) = event["data"]["stdout"].as_str().or(event["data"]["pty"].as_str()) {
+                std::io::stdout().write_all(&decode(out))?;
+                std::io::stdout().flush()?;
+            }
+            if let Some(err) = event["data"]["stderr"].as_str() {
+                std::io::stderr().write_all(&decode(err))?;
+            }
+            if event.get("end").is_some() {
+                let code = event["end"]["exitCode"].as_i64().unwrap_or(0);
+                // Killed by a signal: 128 + 9, as a shell reports it.
+                let code = if code < 0 { 137 } else { code };
+                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            }
+        }
+    }
+    bail!("the stream ended without the command's end")
+}
+
+pub(crate) async fn ps(args: PsArgs) -> ExitCode {
+    report(
+        async {
+            let client = ApiClient::resolve(&args.server)?;
+            let mut headers = client.sandbox_headers(&args.id).await?;
+            headers.push(("content-type".to_owned(), "application/json".to_owned()));
+            let borrowed: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let response =
+                client.open("POST", "/process.Process/List", &borrowed, b"{}".to_vec()).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            let listed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!(
+                    "the server answered {status}: {}",
+                    listed["message"].as_str().unwrap_or("no message")
+                );
+            }
+            if args.server.json {
+                return print_json(&listed["processes"]);
+            }
+            println!("{:>7}  COMMAND", "PID");
+            for process in listed["processes"].as_array().into_iter().flatten() {
+                let config = &process["config"];
+                let mut command = vec![config["cmd"].as_str().unwrap_or_default().to_owned()];
+                command.extend(
+                    config["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str().map(str::to_owned)),
+                );
+                println!("{:>7}  {}", process["pid"], command.join(" "));
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn logs(args: LogsArgs) -> ExitCode {
+    report(
+        async {
+            let client = ApiClient::resolve(&args.server)?;
+            let path = format!("/v1/sandboxes/{}/logs?follow={}", args.id, args.follow);
+            let response = client.open("GET", &path, &[], Vec::new()).await?;
+            let status = response.status();
+            let mut incoming = response.into_body();
+            if !status.is_success() {
+                let body = incoming.collect().await?.to_bytes();
+                let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let message = answer["message"]
+                    .as_str()
+                    .or(answer["error"]["message"].as_str())
+                    .unwrap_or("no message");
+                bail!("the server answered {status}: {message}");
+            }
+            let mut pending = Vec::new();
+            while let Some(frame) = incoming.frame().await {
+                let Ok(data) = frame?.into_data() else { continue };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let entry: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
+                    if args.server.json {
+                        println!("{}", String::from_utf8_lossy(&line).trim_end());
+                    } else if let Some(missed) = entry["missed"].as_u64() {
+                        eprintln!("soulbox: {missed} chunks were missed (the log moved on)");
+                    } else {
+                        let text = entry["text"].as_str().unwrap_or_default();
+                        for part in text.split_inclusive('\n') {
+                            print!(
+                                "{} {:>5} {:<6} {part}",
+                                time_of(entry["at_ms"].as_u64()),
+                                entry["pid"],
+                                entry["stream"].as_str().unwrap_or_default()
+                            );
+                        }
+                        if !text.ends_with('\n') {
+                            println!();
+                        }
+                    }
+                    std::io::stdout().flush()?;
+                }
+            }
+            Ok(())
+        }
+        .await,
+    )
+}

@@ -43,6 +43,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/audit", get(audit_log))
         .route("/v1/usage", get(usage))
         .route("/v1/tokens", post(issue_token))
+        .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
@@ -304,6 +305,75 @@ async fn set_quota(
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "quota_failed", e.to_string())
     })?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogsQuery {
+    follow: bool,
+}
+
+/// One line of a sandbox's log, as `GET /v1/sandboxes/{id}/logs` answers it.
+fn log_line(entry: &soulbox_runtime::LogEntry) -> Bytes {
+    let line = json!({
+        "at_ms": entry.at_ms,
+        "pid": entry.pid,
+        "stream": entry.stream,
+        "text": String::from_utf8_lossy(&entry.data),
+    });
+    let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// `GET /v1/sandboxes/{id}/logs`: the recent output of the sandbox's processes, a JSON line
+/// per chunk (`at_ms`, `pid`, `stream`, `text`); with `follow=true`, then what they write as
+/// it happens, until the client leaves or the sandbox ends.
+async fn sandbox_logs(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<LogsQuery>,
+) -> Result<Response, Response> {
+    let manager = crate::e2b::owned(&app, &principal, &id).map_err(IntoResponse::into_response)?;
+    let table =
+        manager.process_table(&id).map_err(|e| crate::e2b::E2bError::from(e).into_response())?;
+    let (past, mut live) = table.log().follow();
+    drop(table);
+    let (lines, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let follow = query.follow;
+    tokio::spawn(async move {
+        for entry in &past {
+            if lines.send(Ok(log_line(entry))).await.is_err() {
+                return;
+            }
+        }
+        if !follow {
+            return;
+        }
+        loop {
+            let line = tokio::select! {
+                entry = live.recv() => match entry {
+                    Ok(entry) => log_line(&entry),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let note = json!({ "missed": missed });
+                        let mut bytes = serde_json::to_vec(&note).unwrap_or_default();
+                        bytes.push(b'\n');
+                        Bytes::from(bytes)
+                    }
+                    // The sandbox is gone.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                () = lines.closed() => return,
+            };
+            if lines.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream))
+        .into_response())
 }
 
 /// The query of `GET /v1/audit`.

@@ -611,3 +611,77 @@ fn the_cli_logs_in_manages_keys_and_reads_the_audit_log() {
     assert!(!saved.exists(), "logged out");
     server.kill();
 }
+
+#[test]
+fn the_cli_makes_a_sandbox_runs_in_it_lists_its_processes_and_follows_its_logs() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_soulbox"))
+            .args(args)
+            .env("SOULBOX_API_URL", &url)
+            .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+            .env("HOME", data.path())
+            .output()
+            .expect("soulbox runs")
+    };
+    let out = cli(&["sandbox", "create", "--template", "base", "--timeout", "10m"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    assert_eq!(id.len(), 20, "the id alone: {id}");
+    let listed = text(&cli(&["sandbox", "list"]).stdout);
+    assert!(listed.starts_with("ID") && listed.contains(&id), "{listed}");
+
+    let out = cli(&["exec", &id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "the command's exit code");
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("out\n".to_owned(), "err\n".to_owned()));
+    let out = cli(&["exec", "--root", &id, "--", "id", "-u"]);
+    assert_eq!(text(&out.stdout), "0\n", "{}", text(&out.stderr));
+
+    // A long command, seen by `ps`; then `logs -f` follows what it writes.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .args(["logs", "-f", &id])
+        .env("SOULBOX_API_URL", &url)
+        .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("logs -f starts");
+    let mut runner = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .args(["exec", &id, "--", "sh", "-c", "sleep 1; echo followed-line; sleep 30"])
+        .env("SOULBOX_API_URL", &url)
+        .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("exec starts");
+    let began = Instant::now();
+    let mut seen = String::new();
+    while !seen.contains("sleep 1; echo followed-line") {
+        assert!(began.elapsed() < Duration::from_secs(10), "ps never showed it: {seen}");
+        seen = text(&cli(&["ps", &id]).stdout);
+    }
+    let mut lines = BufReader::new(follower.stdout.take().expect("stdout")).lines();
+    let followed = loop {
+        let line = lines.next().expect("logs -f is still following").expect("a line");
+        if line.contains("followed-line") {
+            break line;
+        }
+    };
+    assert!(
+        followed.contains(" stdout ") && followed.contains('Z'),
+        "a time and a stream: {followed}"
+    );
+    let _ = follower.kill();
+    let _ = runner.kill();
+    let _ = (follower.wait(), runner.wait());
+    let past = text(&cli(&["logs", &id]).stdout);
+    assert!(past.contains("out") && past.contains("followed-line"), "{past}");
+
+    assert!(cli(&["sandbox", "pause", &id]).status.success());
+    assert!(text(&cli(&["sandbox", "info", &id]).stdout).contains("paused"));
+    assert!(cli(&["sandbox", "kill", &id]).status.success());
+    let out = cli(&["sandbox", "info", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    server.kill();
+}

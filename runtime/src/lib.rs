@@ -18,6 +18,7 @@ mod backend;
 mod dispatch;
 mod exec;
 mod limits;
+mod logs;
 mod manager;
 mod process;
 mod sandbox;
@@ -36,6 +37,7 @@ pub use limits::{
     LimitsError, MAX_CODE_BYTES, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_WALL_TIMEOUT,
     MIN_MEMORY_BYTES, OutputStream,
 };
+pub use logs::{LogEntry, MAX_LOG_BYTES, SandboxLog};
 pub use manager::{
     CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
     MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,

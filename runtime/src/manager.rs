@@ -528,6 +528,14 @@ impl SandboxManager {
         })
     }
 
+    /// A sandbox's process table, running or paused (for its log).
+    pub fn process_table(&self, id: &str) -> Result<Arc<ProcessTable>, ManagerError> {
+        let id = self.find(id)?;
+        let sandboxes = self.lock();
+        let entry = sandboxes.get(&id).ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        Ok(entry.processes.clone())
+    }
+
     /// Sandboxes by filter, oldest first, a page at a time.
     pub fn list(&self, filter: &ListFilter) -> SandboxPage {
         let mut records: Vec<SandboxRecord> = self

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::BackendError;
 use crate::dispatch::Dispatcher;
+use crate::logs::SandboxLog;
 use crate::sandbox::Sandbox;
 
 /// How long output is still read after a process exits, for what its last write left in the
@@ -261,6 +262,8 @@ impl ProcessFollower {
 #[derive(Default)]
 pub struct ProcessTable {
     processes: Mutex<HashMap<u32, Arc<Live>>>,
+    /// The recent output of every process, for `logs`.
+    log: SandboxLog,
 }
 
 impl fmt::Debug for ProcessTable {
@@ -349,6 +352,11 @@ impl ProcessTable {
         self.live(pid)?.control.resize(size)
     }
 
+    /// The sandbox's live log of its processes' output.
+    pub fn log(&self) -> &SandboxLog {
+        &self.log
+    }
+
     /// Forgets every process (the sandbox is going away; its tier ends them).
     pub fn clear(&self) {
         self.lock().clear();
@@ -367,6 +375,7 @@ async fn pump(
 ) {
     let mut out = vec![0u8; READ_CHUNK];
     let mut err = vec![0u8; READ_CHUNK];
+    let stdout_stream = if live.request.terminal.is_some() { "pty" } else { "stdout" };
     let (mut out_open, mut err_open) = (true, true);
     let mut end: Option<ProcessEnd> = None;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
@@ -377,11 +386,19 @@ async fn pump(
     while end.is_none() || out_open || err_open {
         tokio::select! {
             read = stdout.read(&mut out), if out_open => match read {
-                Ok(n) if n > 0 => live.publish(ProcessEvent::Stdout(Bytes::copy_from_slice(&out[..n]))).await,
+                Ok(n) if n > 0 => {
+                    let chunk = Bytes::copy_from_slice(&out[..n]);
+                    log(&table, &live, stdout_stream, &chunk);
+                    live.publish(ProcessEvent::Stdout(chunk)).await;
+                }
                 _ => out_open = false,
             },
             read = stderr.read(&mut err), if err_open => match read {
-                Ok(n) if n > 0 => live.publish(ProcessEvent::Stderr(Bytes::copy_from_slice(&err[..n]))).await,
+                Ok(n) if n > 0 => {
+                    let chunk = Bytes::copy_from_slice(&err[..n]);
+                    log(&table, &live, "stderr", &chunk);
+                    live.publish(ProcessEvent::Stderr(chunk)).await;
+                }
                 _ => err_open = false,
             },
             ended = &mut exit, if end.is_none() => {
@@ -409,6 +426,13 @@ async fn pump(
     let followers = live.followers().take().unwrap_or_default();
     for follower in followers {
         let _ = follower.send(ProcessEvent::End(end)).await;
+    }
+}
+
+/// Appends a chunk of a process's output to its sandbox's log.
+fn log(table: &Weak<ProcessTable>, live: &Live, stream: &'static str, chunk: &Bytes) {
+    if let Some(table) = table.upgrade() {
+        table.log.append(live.pid, stream, chunk.clone());
     }
 }
 

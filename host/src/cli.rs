@@ -72,6 +72,18 @@ enum Command {
     Ps(crate::remote::PsArgs),
     /// Show (and with -f follow) what a sandbox's processes write.
     Logs(crate::remote::LogsArgs),
+    /// Upload, download and sync files of a sandbox.
+    #[command(subcommand)]
+    Files(crate::remote::FilesCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  soulbox completions bash > /etc/bash_completion.d/soulbox
+  soulbox completions zsh > \"${fpath[1]}/_soulbox\"
+  soulbox completions fish > ~/.config/fish/completions/soulbox.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +218,12 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Exec(args) => Ok(crate::remote::exec(args).await),
         Command::Ps(args) => Ok(crate::remote::ps(args).await),
         Command::Logs(args) => Ok(crate::remote::logs(args).await),
+        Command::Files(command) => Ok(crate::remote::files(command).await),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "soulbox", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

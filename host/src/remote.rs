@@ -703,59 +703,91 @@ async fn run_exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     use base64::Engine;
     let client = ApiClient::resolve(&args.server)?;
     let mut headers = client.sandbox_headers(&args.id).await?;
-    headers.push(("content-type".to_owned(), "application/connect+json".to_owned()));
     if args.root {
         let user = base64::engine::general_purpose::STANDARD.encode("root:");
         headers.push(("authorization".to_owned(), format!("Basic {user}")));
     }
-    let (cmd, rest) = args.command.split_first().context("no command given")?;
-    let message =
-        serde_json::to_vec(&json!({ "process": { "cmd": cmd, "args": rest }, "stdin": false }))?;
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
-    body.extend_from_slice(&message);
-    let borrowed: Vec<(&str, &str)> =
-        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let response = client.open("POST", "/process.Process/Start", &borrowed, body).await?;
-    let mut incoming = response.into_body();
-    let mut buffer = Vec::new();
-    let decode =
-        |text: &str| base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default();
-    while let Some(frame) = incoming.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
-        buffer.extend_from_slice(&data);
-        while buffer.len() >= 5 {
-            let len =
-                usize::try_from(u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]))?;
-            if buffer.len() < 5 + len {
-                break;
-            }
-            let flags = buffer[0];
-            let message: Value = serde_json::from_slice(&buffer[5..5 + len]).unwrap_or(Value::Null);
-            buffer.drain(..5 + len);
-            if flags & 2 != 0 {
-                if let Some(error) = message["error"]["message"].as_str() {
-                    bail!("the command could not run: {error}");
+    let code = client
+        .run(
+            &headers,
+            &args.command,
+            &mut |out: &[u8]| {
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(out);
+                let _ = stdout.flush();
+            },
+            &mut |err: &[u8]| {
+                let _ = std::io::stderr().write_all(err);
+            },
+        )
+        .await?;
+    Ok(ExitCode::from(code))
+}
+
+impl ApiClient {
+    /// Runs `argv` in a sandbox (with its data-plane `headers`), handing its output over as it
+    /// comes; its exit code (128 + 9 when killed).
+    async fn run(
+        &self,
+        headers: &[(String, String)],
+        argv: &[String],
+        on_stdout: &mut dyn FnMut(&[u8]),
+        on_stderr: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<u8> {
+        use base64::Engine;
+        let (cmd, rest) = argv.split_first().context("no command given")?;
+        let message = serde_json::to_vec(
+            &json!({ "process": { "cmd": cmd, "args": rest }, "stdin": false }),
+        )?;
+        let mut body = vec![0u8];
+        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        body.extend_from_slice(&message);
+        let mut all: Vec<(&str, &str)> =
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        all.push(("content-type", "application/connect+json"));
+        let response = self.open("POST", "/process.Process/Start", &all, body).await?;
+        let mut incoming = response.into_body();
+        let mut buffer = Vec::new();
+        let decode =
+            |text: &str| base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default();
+        while let Some(frame) = incoming.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            buffer.extend_from_slice(&data);
+            while buffer.len() >= 5 {
+                let len = usize::try_from(u32::from_be_bytes([
+                    buffer[1], buffer[2], buffer[3], buffer[4],
+                ]))?;
+                if buffer.len() < 5 + len {
+                    break;
                 }
-                continue;
-            }
-            let event = &message["event"];
-            if let Some(out) = event["data"]["stdout"].as_str().or(event["data"]["pty"].as_str()) {
-                std::io::stdout().write_all(&decode(out))?;
-                std::io::stdout().flush()?;
-            }
-            if let Some(err) = event["data"]["stderr"].as_str() {
-                std::io::stderr().write_all(&decode(err))?;
-            }
-            if event.get("end").is_some() {
-                let code = event["end"]["exitCode"].as_i64().unwrap_or(0);
-                // Killed by a signal: 128 + 9, as a shell reports it.
-                let code = if code < 0 { 137 } else { code };
-                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+                let flags = buffer[0];
+                let message: Value =
+                    serde_json::from_slice(&buffer[5..5 + len]).unwrap_or(Value::Null);
+                buffer.drain(..5 + len);
+                if flags & 2 != 0 {
+                    if let Some(error) = message["error"]["message"].as_str() {
+                        bail!("the command could not run: {error}");
+                    }
+                    continue;
+                }
+                let event = &message["event"];
+                if let Some(out) =
+                    event["data"]["stdout"].as_str().or(event["data"]["pty"].as_str())
+                {
+                    on_stdout(&decode(out));
+                }
+                if let Some(err) = event["data"]["stderr"].as_str() {
+                    on_stderr(&decode(err));
+                }
+                if event.get("end").is_some() {
+                    let code = event["end"]["exitCode"].as_i64().unwrap_or(0);
+                    // Killed by a signal: 128 + 9, as a shell reports it.
+                    return Ok(if code < 0 { 137 } else { u8::try_from(code).unwrap_or(1) });
+                }
             }
         }
+        bail!("the stream ended without the command's end")
     }
-    bail!("the stream ended without the command's end")
 }
 
 pub(crate) async fn ps(args: PsArgs) -> ExitCode {
@@ -848,4 +880,328 @@ pub(crate) async fn logs(args: LogsArgs) -> ExitCode {
         }
         .await,
     )
+}
+
+/// `soulbox files`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum FilesCommand {
+    /// Send a local file to a sandbox (a progress bar on a terminal).
+    #[command(after_help = "Examples:
+  soulbox files upload $ID data.csv /home/user/data.csv")]
+    Upload {
+        /// The sandbox's id.
+        id: String,
+        /// The local file.
+        local: PathBuf,
+        /// Where in the sandbox (under /home/user or /tmp).
+        remote: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Fetch a file of a sandbox (a progress bar on a terminal).
+    #[command(after_help = "Examples:
+  soulbox files download $ID /home/user/out.png out.png")]
+    Download {
+        /// The sandbox's id.
+        id: String,
+        /// The file in the sandbox.
+        remote: String,
+        /// Where to write it.
+        local: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Send a local directory to a sandbox, only the files whose content differs there (by
+    /// SHA-256); with --watch, keep sending changes.
+    #[command(after_help = "Examples:
+  soulbox files sync ./project $ID:/home/user/project
+  soulbox files sync ./project $ID:/home/user/project --watch")]
+    Sync {
+        /// The local directory.
+        local: PathBuf,
+        /// The sandbox and the directory there, as ID:PATH.
+        target: String,
+        /// Keep watching the local directory and send what changes.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// A progress bar for `total` bytes on a terminal's standard error (hidden elsewhere).
+fn transfer_bar(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = total.map_or_else(indicatif::ProgressBar::new_spinner, indicatif::ProgressBar::new);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
+impl ApiClient {
+    /// Sends `local` to `remote` in sandbox `id` as one streamed octet-stream upload.
+    async fn upload(
+        &self,
+        headers: &[(String, String)],
+        local: &std::path::Path,
+        remote: &str,
+    ) -> anyhow::Result<u64> {
+        use futures::StreamExt;
+        use http_body_util::StreamBody;
+        let file = tokio::fs::File::open(local)
+            .await
+            .with_context(|| format!("opening {}", local.display()))?;
+        let size = file.metadata().await?.len();
+        let bar = transfer_bar(Some(size), &format!("upload {}", local.display()));
+        let progress = bar.clone();
+        let chunks = file_chunks(file).map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                progress.inc(u64::try_from(bytes.len()).unwrap_or(0));
+            }
+            chunk.map(hyper::body::Frame::data)
+        });
+        let body = http_body_util::BodyExt::boxed(StreamBody::new(chunks));
+        let client = Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
+        let query = serde_urlencoded::to_string([("path", remote)])?;
+        let mut request = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("{}/files?{query}", self.base))
+            .header("content-type", "application/octet-stream")
+            .header("content-length", size.to_string());
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = client.request(request.body(body)?).await.context("uploading")?;
+        bar.finish_and_clear();
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.into_body().collect().await?.to_bytes();
+            let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            bail!(
+                "the server answered {status}: {}",
+                answer["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(size)
+    }
+}
+
+/// A file read as a stream of chunks.
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold(Some(file), |state| async move {
+        let mut file = state?;
+        let mut buffer = vec![0u8; 256 << 10];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buffer.truncate(n);
+                Some((Ok(Bytes::from(buffer)), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+pub(crate) async fn files(command: FilesCommand) -> ExitCode {
+    report(
+        async {
+            match command {
+                FilesCommand::Upload { id, local, remote, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let headers = client.sandbox_headers(&id).await?;
+                    let size = client.upload(&headers, &local, &remote).await?;
+                    if server.json {
+                        return print_json(&json!({ "path": remote, "bytes": size }));
+                    }
+                    println!("sent {} ({size} bytes) to {id}:{remote}", local.display());
+                    Ok(())
+                }
+                FilesCommand::Download { id, remote, local, server } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let headers = client.sandbox_headers(&id).await?;
+                    let size = client.download(&headers, &remote, &local).await?;
+                    if server.json {
+                        return print_json(&json!({ "path": local, "bytes": size }));
+                    }
+                    println!("fetched {id}:{remote} ({size} bytes) to {}", local.display());
+                    Ok(())
+                }
+                FilesCommand::Sync { local, target, watch, server } => {
+                    let (id, remote) = target
+                        .split_once(':')
+                        .context("the target is ID:PATH, such as $ID:/home/user/project")?;
+                    let client = ApiClient::resolve(&server)?;
+                    let headers = client.sandbox_headers(id).await?;
+                    sync_once(&client, &headers, &local, remote, server.json).await?;
+                    if watch {
+                        watch_and_sync(&client, &headers, &local, remote, server.json).await?;
+                    }
+                    Ok(())
+                }
+            }
+        }
+        .await,
+    )
+}
+
+impl ApiClient {
+    /// Fetches `remote` into `local` (written beside it first, then renamed: a failed
+    /// download leaves nothing half-written).
+    async fn download(
+        &self,
+        headers: &[(String, String)],
+        remote: &str,
+        local: &std::path::Path,
+    ) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let query = serde_urlencoded::to_string([("path", remote)])?;
+        let all: Vec<(&str, &str)> =
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let response = self.open("GET", &format!("/files?{query}"), &all, Vec::new()).await?;
+        let status = response.status();
+        let total = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut incoming = response.into_body();
+        if !status.is_success() {
+            let body = incoming.collect().await?.to_bytes();
+            let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            bail!(
+                "the server answered {status}: {}",
+                answer["message"].as_str().unwrap_or("no message")
+            );
+        }
+        let partial = local.with_extension("soulbox-partial");
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("writing {}", partial.display()))?;
+        let bar = transfer_bar(total, &format!("download {remote}"));
+        let mut written = 0u64;
+        let copied: anyhow::Result<()> = async {
+            while let Some(frame) = incoming.frame().await {
+                let Ok(data) = frame?.into_data() else { continue };
+                file.write_all(&data).await?;
+                written += u64::try_from(data.len()).unwrap_or(0);
+                bar.set_position(written);
+            }
+            file.flush().await?;
+            Ok(())
+        }
+        .await;
+        bar.finish_and_clear();
+        if let Err(error) = copied {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(error);
+        }
+        tokio::fs::rename(&partial, local).await?;
+        Ok(written)
+    }
+}
+
+/// The SHA-256 (hex) of every file under `dir`, by path relative to it.
+fn local_hashes(
+    dir: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    use sha2::{Digest, Sha256};
+    let mut hashes = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&current).with_context(|| format!("reading {}", current.display()))?
+        {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                let relative = entry.path().strip_prefix(dir)?.to_string_lossy().into_owned();
+                let mut hasher = Sha256::new();
+                std::io::copy(&mut std::fs::File::open(entry.path())?, &mut hasher)?;
+                let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                hashes.insert(relative, digest);
+            }
+        }
+    }
+    Ok(hashes)
+}
+
+/// Sends the files of `local` whose content differs under `remote`; says how many.
+async fn sync_once(
+    client: &ApiClient,
+    headers: &[(String, String)],
+    local: &std::path::Path,
+    remote: &str,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let local_dir = local.to_owned();
+    let ours = tokio::task::spawn_blocking(move || local_hashes(&local_dir)).await??;
+    // What is there, hashed in the sandbox.
+    let script = "cd \"$1\" 2>/dev/null && find . -type f -print0 | xargs -0 -r sha256sum";
+    let argv: Vec<String> = ["sh", "-c", script, "sh", remote].map(str::to_owned).to_vec();
+    let mut listing = Vec::new();
+    client
+        .run(headers, &argv, &mut |out: &[u8]| listing.extend_from_slice(out), &mut |_: &[u8]| {})
+        .await?;
+    let theirs: std::collections::BTreeMap<String, String> = String::from_utf8_lossy(&listing)
+        .lines()
+        .filter_map(|line| line.split_once("  "))
+        .map(|(hash, path)| (path.trim_start_matches("./").to_owned(), hash.to_owned()))
+        .collect();
+    let mut sent = Vec::new();
+    for (relative, hash) in &ours {
+        if theirs.get(relative) == Some(hash) {
+            continue;
+        }
+        let target = format!("{}/{relative}", remote.trim_end_matches('/'));
+        client.upload(headers, &local.join(relative), &target).await?;
+        sent.push(relative.clone());
+    }
+    if json_out {
+        print_json(&json!({ "sent": sent, "unchanged": ours.len() - sent.len() }))?;
+    } else {
+        println!("sent {} changed file(s), {} unchanged", sent.len(), ours.len() - sent.len());
+        for path in &sent {
+            println!("  {path}");
+        }
+    }
+    Ok(())
+}
+
+/// Watches `local` and syncs after each burst of changes, until interrupted.
+async fn watch_and_sync(
+    client: &ApiClient,
+    headers: &[(String, String)],
+    local: &std::path::Path,
+    remote: &str,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use notify::{RecursiveMode, Watcher};
+    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = changes.send(());
+        }
+    })?;
+    watcher.watch(local, RecursiveMode::Recursive)?;
+    eprintln!("watching {} (Ctrl-C to stop)", local.display());
+    while changed.recv().await.is_some() {
+        // A burst of changes (an editor's save) is one sync.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        while changed.try_recv().is_ok() {}
+        sync_once(client, headers, local, remote, json_out).await?;
+    }
+    Ok(())
 }

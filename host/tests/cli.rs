@@ -685,3 +685,114 @@ fn the_cli_makes_a_sandbox_runs_in_it_lists_its_processes_and_follows_its_logs()
     assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
     server.kill();
 }
+
+#[test]
+fn the_cli_moves_files_and_syncs_only_what_changed() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let local = tempfile::tempdir().expect("a local directory");
+    let soulbox = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_soulbox"));
+        command
+            .args(args)
+            .env("SOULBOX_API_URL", &url)
+            .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+            .env("HOME", data.path());
+        command
+    };
+    let cli = |args: &[&str]| soulbox(args).output().expect("soulbox runs");
+    let id = text(&cli(&["sandbox", "create"]).stdout).trim().to_owned();
+
+    // A binary file there and back, unchanged.
+    let bytes: Vec<u8> =
+        (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let original = local.path().join("blob.bin");
+    std::fs::write(&original, &bytes).expect("write");
+    let out =
+        cli(&["files", "upload", &id, original.to_str().expect("UTF-8"), "/home/user/blob.bin"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let back = local.path().join("back.bin");
+    let out =
+        cli(&["files", "download", &id, "/home/user/blob.bin", back.to_str().expect("UTF-8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(&back).expect("read") == bytes, "the same bytes came back");
+    let out = cli(&["files", "download", &id, "/home/user/missing", back.to_str().expect("UTF-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    assert!(std::fs::read(&back).expect("read") == bytes, "a failed download leaves the file");
+
+    // Sync sends only what differs.
+    let project = local.path().join("project");
+    std::fs::create_dir_all(project.join("sub")).expect("mkdir");
+    std::fs::write(project.join("a.txt"), "one").expect("write");
+    std::fs::write(project.join("sub/b.txt"), "two").expect("write");
+    let target = format!("{id}:/home/user/project");
+    let project_arg = project.to_str().expect("UTF-8");
+    let out = cli(&["files", "sync", project_arg, &target]);
+    assert!(
+        text(&out.stdout).starts_with("sent 2 changed file(s), 0 unchanged"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    std::fs::write(project.join("a.txt"), "one, changed").expect("write");
+    let out = cli(&["files", "sync", project_arg, &target, "--json"]);
+    let synced: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(synced, serde_json::json!({"sent": ["a.txt"], "unchanged": 1}));
+    let shown = text(
+        &cli(&[
+            "exec",
+            &id,
+            "--",
+            "cat",
+            "/home/user/project/a.txt",
+            "/home/user/project/sub/b.txt",
+        ])
+        .stdout,
+    );
+    assert_eq!(shown, "one, changedtwo");
+
+    // --watch sends a change as it happens.
+    let mut watching = soulbox(&["files", "sync", project_arg, &target, "--watch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sync --watch starts");
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(project.join("sub/b.txt"), "two, watched").expect("write");
+    let began = Instant::now();
+    loop {
+        let shown = text(&cli(&["exec", &id, "--", "cat", "/home/user/project/sub/b.txt"]).stdout);
+        if shown == "two, watched" {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(15), "the change never arrived: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = watching.kill();
+    let _ = watching.wait();
+    server.kill();
+}
+
+#[test]
+fn completions_are_valid_scripts_for_each_shell() {
+    let data = tempfile::tempdir().expect("a directory");
+    let out = soulbox(data.path(), &["completions", "bash"]);
+    assert!(out.status.success());
+    let script = text(&out.stdout);
+    assert!(script.contains("sandbox") && script.contains("exec"), "the subcommands are there");
+    let path = data.path().join("soulbox.bash");
+    std::fs::write(&path, &script).expect("write");
+    let checked = Command::new("bash").arg("-n").arg(&path).output().expect("bash runs");
+    assert!(checked.status.success(), "bash -n: {}", text(&checked.stderr));
+    for shell in ["zsh", "fish"] {
+        let out = soulbox(data.path(), &["completions", shell]);
+        assert!(out.status.success() && text(&out.stdout).contains("soulbox"), "{shell}");
+    }
+    assert_eq!(
+        soulbox(data.path(), &["completions", "tcsh"]).status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

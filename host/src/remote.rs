@@ -514,6 +514,23 @@ pub(crate) enum SandboxCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Open an interactive shell in a sandbox, like ssh (exits with the shell's code); with
+    /// --pid, reattach to a terminal left running.
+    #[command(after_help = "Examples:
+  soulbox sandbox connect $ID
+  soulbox sandbox connect $ID --pid 12      # a shell whose connection dropped")]
+    Connect {
+        /// The sandbox's id.
+        id: String,
+        /// Reattach to this terminal's process instead of starting a shell.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Start the shell as the sandbox's root.
+        #[arg(long)]
+        root: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Kill a sandbox and remove its files.
     Kill {
         /// The sandbox's id.
@@ -661,6 +678,14 @@ pub(crate) async fn sandbox(command: SandboxCommand) -> ExitCode {
                 SandboxCommand::Resume { id, server } => {
                     simple(&server, "POST", &format!("/sandboxes/{id}/resume"), "resumed", &id)
                         .await
+                }
+                SandboxCommand::Connect { id, pid, root, server } => {
+                    let code = connect(&id, pid, root, &server).await?;
+                    if code != 0 {
+                        // The shell's own code, after the terminal is restored.
+                        std::process::exit(i32::from(code));
+                    }
+                    Ok(())
                 }
                 SandboxCommand::Kill { id, server } => {
                     simple(&server, "DELETE", &format!("/sandboxes/{id}"), "killed", &id).await
@@ -1204,4 +1229,175 @@ async fn watch_and_sync(
         sync_once(client, headers, local, remote, json_out).await?;
     }
     Ok(())
+}
+
+/// The local terminal in raw mode until dropped (restored even on an error).
+struct RawTerminal {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawTerminal {
+    fn enter() -> Self {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else { return Self { saved: None } };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        Self { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// The local terminal's size (80x24 when there is none).
+fn local_size() -> (u16, u16) {
+    terminal_size::terminal_size().map_or((80, 24), |(w, h)| (w.0, h.0))
+}
+
+/// Splits whole Connect envelopes off the front of `buffer`: (flags, message) each.
+fn take_frames(buffer: &mut Vec<u8>) -> Vec<(u8, Value)> {
+    let mut frames = Vec::new();
+    while buffer.len() >= 5 {
+        let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+        if buffer.len() < 5 + len {
+            break;
+        }
+        let message = serde_json::from_slice(&buffer[5..5 + len]).unwrap_or(Value::Null);
+        frames.push((buffer[0], message));
+        buffer.drain(..5 + len);
+    }
+    frames
+}
+
+/// An interactive shell on a terminal of the sandbox: local keys go to it, its screen comes
+/// back, the window's size follows the local one. Its exit code.
+async fn connect(
+    id: &str,
+    pid: Option<u32>,
+    root: bool,
+    server: &ServerArgs,
+) -> anyhow::Result<u8> {
+    use base64::Engine;
+    use tokio::io::AsyncReadExt;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let client = ApiClient::resolve(server)?;
+    let mut headers = client.sandbox_headers(id).await?;
+    if root {
+        headers.push(("authorization".to_owned(), format!("Basic {}", engine.encode("root:"))));
+    }
+    let (cols, rows) = local_size();
+    let (path, message) = match pid {
+        Some(pid) => ("/process.Process/Connect", json!({ "process": { "pid": pid } })),
+        None => {
+            let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".to_owned());
+            let process =
+                json!({ "cmd": "/bin/bash", "args": ["-i", "-l"], "envs": { "TERM": term } });
+            (
+                "/process.Process/Start",
+                json!({ "process": process, "pty": { "size": { "cols": cols, "rows": rows } } }),
+            )
+        }
+    };
+    let payload = serde_json::to_vec(&message)?;
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(payload.len())?.to_be_bytes());
+    body.extend_from_slice(&payload);
+    let mut all: Vec<(&str, &str)> =
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.push(("content-type", "application/connect+json"));
+    let response = client.open("POST", path, &all, body).await?;
+    let mut incoming = response.into_body();
+    let mut buffer = Vec::new();
+    let _raw = RawTerminal::enter();
+    let mut pid_seen = pid;
+    let mut input_task: Option<tokio::task::JoinHandle<()>> = None;
+    let unary_headers: Vec<(String, String)> = headers
+        .iter()
+        .cloned()
+        .chain([("content-type".to_owned(), "application/json".to_owned())])
+        .collect();
+    let result = 'stream: loop {
+        let Some(frame) = incoming.frame().await else {
+            break Err(anyhow::anyhow!("the connection ended"));
+        };
+        let Ok(data) = frame?.into_data() else { continue };
+        buffer.extend_from_slice(&data);
+        for (flags, message) in take_frames(&mut buffer) {
+            if flags & 2 != 0 {
+                if let Some(error) = message["error"]["message"].as_str() {
+                    break 'stream Err(anyhow::anyhow!("the terminal could not start: {error}"));
+                }
+                continue;
+            }
+            let event = &message["event"];
+            if let Some(started) = event["start"]["pid"].as_u64() {
+                let started = u32::try_from(started)?;
+                pid_seen = Some(started);
+                // Keys typed here go to the terminal; the window's size follows this one.
+                let (client, headers) = (
+                    ApiClient { base: client.base.clone(), key: client.key.clone() },
+                    unary_headers.clone(),
+                );
+                input_task = Some(tokio::spawn(async move {
+                    let mut stdin = tokio::io::stdin();
+                    let mut resized = tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::window_change(),
+                    )
+                    .ok();
+                    let mut keys = [0u8; 4096];
+                    let all: Vec<(&str, &str)> =
+                        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    loop {
+                        let (path, message) = tokio::select! {
+                            read = stdin.read(&mut keys) => match read {
+                                Ok(n) if n > 0 => ("/process.Process/SendInput", json!({ "process": { "pid": started }, "input": { "pty": base64::engine::general_purpose::STANDARD.encode(&keys[..n]) } })),
+                                _ => return,
+                            },
+                            Some(()) = async { match resized.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                                let (cols, rows) = local_size();
+                                ("/process.Process/Update", json!({ "process": { "pid": started }, "pty": { "size": { "cols": cols, "rows": rows } } }))
+                            }
+                        };
+                        let Ok(body) = serde_json::to_vec(&message) else { return };
+                        if client.open("POST", path, &all, body).await.is_err() {
+                            return;
+                        }
+                    }
+                }));
+            }
+            if let Some(out) = event["data"]["pty"].as_str().or(event["data"]["stdout"].as_str()) {
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&engine.decode(out).unwrap_or_default())?;
+                stdout.flush()?;
+            }
+            if event.get("end").is_some() {
+                let code = event["end"]["exitCode"].as_i64().unwrap_or(0);
+                if let Some(task) = input_task.take() {
+                    task.abort();
+                }
+                return Ok(if code < 0 { 137 } else { u8::try_from(code).unwrap_or(1) });
+            }
+        }
+    };
+    if let Some(task) = input_task.take() {
+        task.abort();
+    }
+    drop(_raw);
+    if let Some(pid) = pid_seen {
+        eprintln!(
+            "\r\nsoulbox: the terminal (pid {pid}) keeps running; reattach with `soulbox sandbox connect {id} --pid {pid}`"
+        );
+    }
+    result
 }

@@ -796,3 +796,111 @@ fn completions_are_valid_scripts_for_each_shell() {
         "an unknown shell is a usage error"
     );
 }
+
+/// Runs tmux with `args`; its output.
+fn tmux(socket: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("tmux").arg("-S").arg(socket).args(args).output().expect("tmux runs");
+    text(&out.stdout)
+}
+
+/// Waits until the tmux pane shows `expected`; the screen.
+fn screen_shows(socket: &std::path::Path, session: &str, expected: &str) -> String {
+    let began = Instant::now();
+    loop {
+        let screen = tmux(socket, &["capture-pane", "-t", session, "-p"]);
+        if screen.contains(expected) {
+            return screen;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "the screen never showed {expected:?}:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn connect_is_a_terminal_with_resize_ctrl_c_and_reattach() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let id = text(
+        &Command::new(env!("CARGO_BIN_EXE_soulbox"))
+            .args(["sandbox", "create"])
+            .env("SOULBOX_API_URL", &url)
+            .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+            .output()
+            .expect("soulbox runs")
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let socket = data.path().join("tmux.sock");
+    let connect = |extra: &str| {
+        format!(
+            "SOULBOX_API_URL={url} SOULBOX_API_KEY={} {} sandbox connect {id} {extra}; echo exited=$?; sleep 60",
+            soulbox_tests::TEST_API_KEY,
+            env!("CARGO_BIN_EXE_soulbox")
+        )
+    };
+    tmux(&socket, &["new-session", "-d", "-s", "one", "-x", "100", "-y", "30", &connect("")]);
+    screen_shows(&socket, "one", "user@sandbox");
+    tmux(
+        &socket,
+        &["send-keys", "-t", "one", "echo typed-$((6*7)); stty size; echo pid=$$", "Enter"],
+    );
+    let screen = screen_shows(&socket, "one", "pid=");
+    assert!(screen.contains("typed-42") && screen.contains("30 100"), "{screen}");
+    let pid: String = screen
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .expect("the shell's pid")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    tmux(&socket, &["resize-window", "-t", "one", "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&socket, &["send-keys", "-t", "one", "stty size; sleep 100", "Enter"]);
+    screen_shows(&socket, "one", "40 120");
+    tmux(&socket, &["send-keys", "-t", "one", "C-c"]);
+    tmux(&socket, &["send-keys", "-t", "one", "echo interrupted=$?", "Enter"]);
+    screen_shows(&socket, "one", "interrupted=130");
+
+    // The connection drops (the client is killed); the shell keeps running and takes a
+    // reattached terminal.
+    tmux(&socket, &["kill-session", "-t", "one"]);
+    let listed = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .args(["ps", &id])
+        .env("SOULBOX_API_URL", &url)
+        .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+        .output()
+        .expect("soulbox runs");
+    assert!(text(&listed.stdout).contains(&pid), "the shell still runs: {}", text(&listed.stdout));
+    tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "two",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &connect(&format!("--pid {pid}")),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    tmux(&socket, &["send-keys", "-t", "two", "echo reattached-$$; exit 5", "Enter"]);
+    let screen = screen_shows(&socket, "two", "exited=");
+    assert!(
+        screen.contains(&format!("reattached-{pid}")) && screen.contains("exited=5"),
+        "{screen}"
+    );
+    tmux(&socket, &["kill-server"]);
+    server.kill();
+}

@@ -544,7 +544,8 @@ pub(crate) enum SandboxCommand {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   soulbox exec $ID -- ls -la
-  soulbox exec $ID -- sh -c 'make && ./test'")]
+  soulbox exec $ID -- sh -c 'make && ./test'
+  soulbox exec -it $ID -- python3")]
 pub(crate) struct ExecArgs {
     /// The sandbox's id.
     id: String,
@@ -554,6 +555,12 @@ pub(crate) struct ExecArgs {
     /// Run it as the sandbox's root.
     #[arg(long)]
     root: bool,
+    /// Keep standard input open to it (with -t: type into it).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run it on a terminal (with -i: interactively, as `docker exec -it`).
+    #[arg(short, long)]
+    tty: bool,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -726,6 +733,10 @@ pub(crate) async fn exec(args: ExecArgs) -> ExitCode {
 
 async fn run_exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     use base64::Engine;
+    if args.tty {
+        let code = terminal(&args.id, None, Some(&args.command), args.root, &args.server).await?;
+        return Ok(ExitCode::from(code));
+    }
     let client = ApiClient::resolve(&args.server)?;
     let mut headers = client.sandbox_headers(&args.id).await?;
     if args.root {
@@ -736,6 +747,7 @@ async fn run_exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         .run(
             &headers,
             &args.command,
+            args.interactive,
             &mut |out: &[u8]| {
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout.write_all(out);
@@ -756,14 +768,16 @@ impl ApiClient {
         &self,
         headers: &[(String, String)],
         argv: &[String],
+        forward_stdin: bool,
         on_stdout: &mut dyn FnMut(&[u8]),
         on_stderr: &mut dyn FnMut(&[u8]),
     ) -> anyhow::Result<u8> {
         use base64::Engine;
         let (cmd, rest) = argv.split_first().context("no command given")?;
         let message = serde_json::to_vec(
-            &json!({ "process": { "cmd": cmd, "args": rest }, "stdin": false }),
+            &json!({ "process": { "cmd": cmd, "args": rest }, "stdin": forward_stdin }),
         )?;
+        let mut feeder: Option<tokio::task::JoinHandle<()>> = None;
         let mut body = vec![0u8];
         body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
         body.extend_from_slice(&message);
@@ -796,6 +810,15 @@ impl ApiClient {
                     continue;
                 }
                 let event = &message["event"];
+                if let Some(pid) = event["start"]["pid"].as_u64()
+                    && forward_stdin
+                {
+                    feeder = Some(tokio::spawn(feed_stdin(
+                        ApiClient { base: self.base.clone(), key: self.key.clone() },
+                        headers.to_vec(),
+                        pid,
+                    )));
+                }
                 if let Some(out) =
                     event["data"]["stdout"].as_str().or(event["data"]["pty"].as_str())
                 {
@@ -805,6 +828,9 @@ impl ApiClient {
                     on_stderr(&decode(err));
                 }
                 if event.get("end").is_some() {
+                    if let Some(feeder) = feeder.take() {
+                        feeder.abort();
+                    }
                     let code = event["end"]["exitCode"].as_i64().unwrap_or(0);
                     // Killed by a signal: 128 + 9, as a shell reports it.
                     return Ok(if code < 0 { 137 } else { u8::try_from(code).unwrap_or(1) });
@@ -813,6 +839,30 @@ impl ApiClient {
         }
         bail!("the stream ended without the command's end")
     }
+}
+
+/// Sends this process's standard input to process `pid` of a sandbox, then closes its input.
+async fn feed_stdin(client: ApiClient, mut headers: Vec<(String, String)>, pid: u64) {
+    use base64::Engine;
+    use tokio::io::AsyncReadExt;
+    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    let all: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut stdin = tokio::io::stdin();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match stdin.read(&mut chunk).await {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        let data = base64::engine::general_purpose::STANDARD.encode(&chunk[..n]);
+        let message = json!({ "process": { "pid": pid }, "input": { "stdin": data } });
+        let Ok(body) = serde_json::to_vec(&message) else { return };
+        if client.open("POST", "/process.Process/SendInput", &all, body).await.is_err() {
+            return;
+        }
+    }
+    let Ok(body) = serde_json::to_vec(&json!({ "process": { "pid": pid } })) else { return };
+    let _ = client.open("POST", "/process.Process/CloseStdin", &all, body).await;
 }
 
 pub(crate) async fn ps(args: PsArgs) -> ExitCode {
@@ -1178,7 +1228,13 @@ async fn sync_once(
     let argv: Vec<String> = ["sh", "-c", script, "sh", remote].map(str::to_owned).to_vec();
     let mut listing = Vec::new();
     client
-        .run(headers, &argv, &mut |out: &[u8]| listing.extend_from_slice(out), &mut |_: &[u8]| {})
+        .run(
+            headers,
+            &argv,
+            false,
+            &mut |out: &[u8]| listing.extend_from_slice(out),
+            &mut |_: &[u8]| {},
+        )
         .await?;
     let theirs: std::collections::BTreeMap<String, String> = String::from_utf8_lossy(&listing)
         .lines()
@@ -1288,6 +1344,18 @@ async fn connect(
     root: bool,
     server: &ServerArgs,
 ) -> anyhow::Result<u8> {
+    terminal(id, pid, None, root, server).await
+}
+
+/// `command` (a login shell when `None`) on a terminal of the sandbox, or the terminal of
+/// process `pid`, interactively. Its exit code.
+async fn terminal(
+    id: &str,
+    pid: Option<u32>,
+    command: Option<&[String]>,
+    root: bool,
+    server: &ServerArgs,
+) -> anyhow::Result<u8> {
     use base64::Engine;
     use tokio::io::AsyncReadExt;
     let engine = base64::engine::general_purpose::STANDARD;
@@ -1301,8 +1369,11 @@ async fn connect(
         Some(pid) => ("/process.Process/Connect", json!({ "process": { "pid": pid } })),
         None => {
             let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".to_owned());
-            let process =
-                json!({ "cmd": "/bin/bash", "args": ["-i", "-l"], "envs": { "TERM": term } });
+            let (cmd, args) = match command.and_then(<[String]>::split_first) {
+                Some((cmd, args)) => (cmd.clone(), args.to_vec()),
+                None => ("/bin/bash".to_owned(), vec!["-i".to_owned(), "-l".to_owned()]),
+            };
+            let process = json!({ "cmd": cmd, "args": args, "envs": { "TERM": term } });
             (
                 "/process.Process/Start",
                 json!({ "process": process, "pty": { "size": { "cols": cols, "rows": rows } } }),

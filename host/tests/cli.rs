@@ -638,6 +638,20 @@ fn the_cli_makes_a_sandbox_runs_in_it_lists_its_processes_and_follows_its_logs()
     assert_eq!((text(&out.stdout), text(&out.stderr)), ("out\n".to_owned(), "err\n".to_owned()));
     let out = cli(&["exec", "--root", &id, "--", "id", "-u"]);
     assert_eq!(text(&out.stdout), "0\n", "{}", text(&out.stderr));
+    // -i sends standard input (then closes it); -t runs on a terminal.
+    let mut piped = Command::new(env!("CARGO_BIN_EXE_soulbox"))
+        .args(["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z; echo done"])
+        .env("SOULBOX_API_URL", &url)
+        .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec -i starts");
+    piped.stdin.take().expect("stdin").write_all(b"piped in\n").expect("write");
+    let out = piped.wait_with_output().expect("exec -i ends");
+    assert_eq!(text(&out.stdout), "PIPED IN\ndone\n");
+    let out = cli(&["exec", "-t", &id, "--", "tty"]);
+    assert!(text(&out.stdout).starts_with("/dev/pts/"), "{}", text(&out.stdout));
 
     // A long command, seen by `ps`; then `logs -f` follows what it writes.
     let mut follower = Command::new(env!("CARGO_BIN_EXE_soulbox"))

@@ -967,3 +967,34 @@ async fn every_data_plane_route_refuses_a_missing_wrong_or_foreign_token_and_cha
     assert_eq!(left, ["kept"], "nothing was made, moved or removed");
     assert_eq!(std::fs::read_to_string(workspace.join("kept")).expect("read"), "original");
 }
+
+#[tokio::test]
+async fn a_terminal_passes_binary_output_through_untouched() {
+    let (base, id, token, _data) = sandbox().await;
+    let message = json!({
+        "process": {"cmd": "/bin/sh", "args": ["-c", "printf '\\377\\376\\000\\200abc'"]},
+        "pty": {"size": {"cols": 80, "rows": 24}},
+    });
+    let payload = serde_json::to_vec(&message).expect("json");
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+    body.extend_from_slice(&payload);
+    let (status, answer) = envd(
+        &base,
+        &id,
+        Some(&token),
+        "POST",
+        "/process.Process/Start",
+        "application/connect+json",
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut screen = Vec::new();
+    for (_, frame) in envelopes(&answer) {
+        if let Some(data) = frame["event"]["data"]["pty"].as_str() {
+            screen.extend(base64::engine::general_purpose::STANDARD.decode(data).expect("base64"));
+        }
+    }
+    assert_eq!(screen, b"\xff\xfe\x00\x80abc", "invalid UTF-8 and NUL pass untouched");
+}

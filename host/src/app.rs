@@ -29,6 +29,8 @@ pub struct App {
     quotas: Option<Arc<crate::quotas::Quotas>>,
     /// Signed requests and session tokens (the server's secret).
     tokens: Option<Arc<crate::tokens::Tokens>>,
+    /// The server's Prometheus metrics.
+    telemetry: Arc<crate::telemetry::Telemetry>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -120,6 +122,7 @@ impl App {
             audit: None,
             quotas: None,
             tokens: None,
+            telemetry: Arc::default(),
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -196,6 +199,20 @@ impl App {
     /// The teams' quotas, when this is a server.
     pub fn quotas(&self) -> Option<&Arc<crate::quotas::Quotas>> {
         self.quotas.as_ref()
+    }
+
+    /// The server's metrics.
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.telemetry
+    }
+
+    /// How many prepared native sandboxes wait in the pool (none without the native tier).
+    pub fn native_pool(&self) -> Option<usize> {
+        #[cfg(feature = "native")]
+        if let Some(native) = &self.native {
+            return Some(native.tier().pooled());
+        }
+        None
     }
 
     /// The polled directory watchers of the data plane.

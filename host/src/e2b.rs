@@ -382,9 +382,16 @@ async fn create(
     create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
     create.auto_resume = request.auto_resume.is_some_and(|a| a.enabled);
     create.team = principal.team.clone();
-    check_quota(&app, manager, &create)?;
-    let record = manager.create(create)?;
-    Ok(sandbox_answer(StatusCode::CREATED, &record))
+    let began = std::time::Instant::now();
+    let template = create.template.clone();
+    let created = check_quota(&app, manager, &create).and_then(|()| Ok(manager.create(create)?));
+    let outcome = match &created {
+        Ok(_) => "created",
+        Err(e) if e.status.is_client_error() => "refused",
+        Err(_) => "failed",
+    };
+    app.telemetry().sandbox_create(&template, outcome, began.elapsed().as_secs_f64());
+    Ok(sandbox_answer(StatusCode::CREATED, &created?))
 }
 
 async fn list(

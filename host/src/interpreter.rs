@@ -180,6 +180,7 @@ async fn execute(
     if let Some(manager) = app.manager() {
         manager.count_execution(&live.record.id);
     }
+    app.telemetry().execution("cell");
     let (lines, receiver) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
     tokio::spawn(async move {
         let mut text = TextStreams::default();

@@ -13,4 +13,5 @@ mod interpreter;
 pub mod quotas;
 mod remote;
 pub mod server;
+pub mod telemetry;
 pub mod tokens;

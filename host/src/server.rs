@@ -44,6 +44,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/tokens", post(issue_token))
         .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
+        .route("/metrics", get(metrics))
         .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
@@ -219,7 +220,14 @@ async fn authenticate(
     request.extensions_mut().insert(principal.clone());
     let response = next.run(request).await;
     audit(&principal.key_id, &principal.team, response.status());
+    app.telemetry().response(response.status().as_u16());
     response
+}
+
+/// `GET /metrics`: the server's metrics in Prometheus' text format.
+async fn metrics(State(app): State<App>) -> Response {
+    let text = app.telemetry().render(app.manager(), app.native_pool());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// The team a call is about: the caller's own, or (for admins of the default team, the

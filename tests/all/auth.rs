@@ -86,6 +86,7 @@ async fn every_route_checks_the_key_the_role_and_the_team() {
         ("POST", "/v1/keys".into(), Some(json!({"role": "bogus"})), [403, 403, 400, 400]),
         ("DELETE", "/v1/keys/000000000000".into(), None, [403, 403, 204, 404]),
         ("GET", format!("/v1/sandboxes/{id}/logs"), None, [200, 200, 200, 404]),
+        ("GET", "/metrics".into(), None, [200, 200, 200, 200]),
         ("POST", "/v1/tokens".into(), Some(json!({"ttl_secs": 60})), [201, 201, 201, 201]),
         ("GET", "/v1/audit".into(), None, [403, 403, 200, 200]),
         ("GET", "/v1/usage".into(), None, [403, 403, 200, 200]),

@@ -132,3 +132,49 @@ async fn bad_requests_get_e2b_errors_and_create_nothing() {
     let sandboxes = data.path().join("sandboxes");
     assert!(std::fs::read_dir(&sandboxes).map_or(0, |d| d.count()) == 0, "nothing on disk");
 }
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_named_soulbox() {
+    let (base, _data) = serve().await;
+    let (status, _, _) =
+        call("POST", &format!("{base}/v2/sandboxes"), Some(json!({"templateID": "base"}))).await;
+    assert_eq!(status, 201);
+    let (status, headers, body) = http_request("GET", &format!("{base}/metrics"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"].to_str().is_ok_and(|t| t.starts_with("text/plain")),
+        "{headers:?}"
+    );
+    let text = String::from_utf8(body).expect("UTF-8");
+    let samples: Vec<&str> =
+        text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    assert!(!samples.is_empty(), "{text}");
+    for sample in &samples {
+        let (name, value) = sample.rsplit_once(' ').expect("a name and a value");
+        assert!(name.starts_with("soulbox_"), "{sample}");
+        assert!(value.parse::<f64>().is_ok(), "{sample}");
+    }
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.get(3) == Some(&"counter") {
+            let name = fields[2];
+            assert!(
+                samples
+                    .iter()
+                    .all(|s| !s.starts_with(name) || s.starts_with(&format!("{name}_total"))),
+                "counters end in _total: {line}"
+            );
+        }
+    }
+    for expected in [
+        r#"soulbox_sandboxes{state="running",template="base"} 1"#,
+        r#"soulbox_sandbox_creates_total{template="base",outcome="created"} 1"#,
+        r#"soulbox_sandbox_create_duration_seconds_count{template="base"} 1"#,
+        "soulbox_native_pool_sandboxes ",
+        r#"soulbox_api_responses_total{class="2xx"}"#,
+    ] {
+        assert!(text.contains(expected), "{expected} in:\n{text}");
+    }
+    let (status, _, _) = http_request_with("GET", &format!("{base}/metrics"), &[], None).await;
+    assert_eq!(status, 401, "metrics need a key too");
+}

@@ -245,6 +245,7 @@ async fn start(
     if let Some(manager) = app.manager() {
         manager.count_execution(&live.record.id);
     }
+    app.telemetry().execution("process");
     follow(pid, terminal, follower, keepalive(&headers))
 }
 

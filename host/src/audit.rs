@@ -4,10 +4,11 @@
 //! where. Records are appended to the store, ordered by time; the API only reads them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use soulbox_runtime::{Store, StoreError};
+
+use crate::auth::now_ms;
 
 /// The store's tree of audit records.
 const AUDIT: &str = "audit";
@@ -37,11 +38,6 @@ pub struct AuditRecord {
 pub struct AuditLog {
     store: Store,
     sequence: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A record's key: its time then a sequence number, so that keys sort by time.

@@ -146,7 +146,8 @@ pub struct Keys {
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -174,7 +175,8 @@ fn key_id(key: &str) -> Option<&str> {
     well_formed.then(|| &secret[..KEY_ID_DIGITS])
 }
 
-fn now_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }

@@ -209,12 +209,18 @@ impl ApiClient {
         if (200..300).contains(&status) {
             return Ok(answer);
         }
-        let message = answer["error"]["message"]
-            .as_str()
-            .or_else(|| answer["message"].as_str())
-            .unwrap_or("no message");
-        bail!("the server answered {status}: {message}")
+        Err(refusal(status, &answer))
     }
+}
+
+/// A server's refusal as an error, with its message in either API's shape (E2B's
+/// `{"message"}`, the native API's `{"error": {"message"}}`).
+fn refusal(status: impl std::fmt::Display, answer: &Value) -> anyhow::Error {
+    let message = answer["error"]["message"]
+        .as_str()
+        .or_else(|| answer["message"].as_str())
+        .unwrap_or("no message");
+    anyhow::anyhow!("the server answered {status}: {message}")
 }
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -326,9 +332,6 @@ pub(crate) async fn keys(command: KeysCommand) -> ExitCode {
                     }
                     println!("{:<14} {:<8} {:<8} {:<20} NAME", "ID", "ROLE", "STATE", "CREATED");
                     for key in listed.as_array().into_iter().flatten() {
-                        let created = key["created_at_ms"].as_u64().unwrap_or_default();
-                        let created =
-                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(created);
                         println!(
                             "{:<14} {:<8} {:<8} {:<20} {}",
                             key["id"].as_str().unwrap_or_default(),
@@ -338,7 +341,7 @@ pub(crate) async fn keys(command: KeysCommand) -> ExitCode {
                             } else {
                                 "active"
                             },
-                            humantime::format_rfc3339_seconds(created).to_string(),
+                            time_of(key["created_at_ms"].as_u64()),
                             key["name"].as_str().unwrap_or_default(),
                         );
                     }
@@ -792,17 +795,7 @@ impl ApiClient {
         while let Some(frame) = incoming.frame().await {
             let Ok(data) = frame?.into_data() else { continue };
             buffer.extend_from_slice(&data);
-            while buffer.len() >= 5 {
-                let len = usize::try_from(u32::from_be_bytes([
-                    buffer[1], buffer[2], buffer[3], buffer[4],
-                ]))?;
-                if buffer.len() < 5 + len {
-                    break;
-                }
-                let flags = buffer[0];
-                let message: Value =
-                    serde_json::from_slice(&buffer[5..5 + len]).unwrap_or(Value::Null);
-                buffer.drain(..5 + len);
+            for (flags, message) in take_frames(&mut buffer) {
                 if flags & 2 != 0 {
                     if let Some(error) = message["error"]["message"].as_str() {
                         bail!("the command could not run: {error}");
@@ -879,10 +872,7 @@ pub(crate) async fn ps(args: PsArgs) -> ExitCode {
             let body = response.into_body().collect().await?.to_bytes();
             let listed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             if !status.is_success() {
-                bail!(
-                    "the server answered {status}: {}",
-                    listed["message"].as_str().unwrap_or("no message")
-                );
+                return Err(refusal(status, &listed));
             }
             if args.server.json {
                 return print_json(&listed["processes"]);
@@ -917,11 +907,7 @@ pub(crate) async fn logs(args: LogsArgs) -> ExitCode {
             if !status.is_success() {
                 let body = incoming.collect().await?.to_bytes();
                 let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let message = answer["message"]
-                    .as_str()
-                    .or(answer["error"]["message"].as_str())
-                    .unwrap_or("no message");
-                bail!("the server answered {status}: {message}");
+                return Err(refusal(status, &answer));
             }
             let mut pending = Vec::new();
             while let Some(frame) = incoming.frame().await {
@@ -1060,10 +1046,7 @@ impl ApiClient {
         if !status.is_success() {
             let body = response.into_body().collect().await?.to_bytes();
             let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            bail!(
-                "the server answered {status}: {}",
-                answer["message"].as_str().unwrap_or("no message")
-            );
+            return Err(refusal(status, &answer));
         }
         Ok(size)
     }
@@ -1154,10 +1137,7 @@ impl ApiClient {
         if !status.is_success() {
             let body = incoming.collect().await?.to_bytes();
             let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            bail!(
-                "the server answered {status}: {}",
-                answer["message"].as_str().unwrap_or("no message")
-            );
+            return Err(refusal(status, &answer));
         }
         let partial = local.with_extension("soulbox-partial");
         let mut file = tokio::fs::File::create(&partial)
@@ -1205,8 +1185,7 @@ fn local_hashes(
                 let relative = entry.path().strip_prefix(dir)?.to_string_lossy().into_owned();
                 let mut hasher = Sha256::new();
                 std::io::copy(&mut std::fs::File::open(entry.path())?, &mut hasher)?;
-                let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-                hashes.insert(relative, digest);
+                hashes.insert(relative, crate::auth::hex(&hasher.finalize()));
             }
         }
     }

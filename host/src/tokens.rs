@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::auth::{Keys, Principal, Role};
+use crate::auth::{Keys, Principal, Role, hex};
 
 /// How far a signed request's timestamp may be from the server's clock.
 pub const SIGNATURE_SKEW: Duration = Duration::from_secs(300);
@@ -63,10 +63,6 @@ pub enum TokenError {
 }
 
 type HmacSha256 = Hmac<Sha256>;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn hmac_hex(secret: &[u8], message: &[u8]) -> String {
     let mut mac =

@@ -865,9 +865,16 @@ fn connect_is_a_terminal_with_resize_ctrl_c_and_reattach() {
     screen_shows(&socket, "one", "user@sandbox");
     tmux(
         &socket,
-        &["send-keys", "-t", "one", "echo typed-$((6*7)); stty size; echo pid=$$", "Enter"],
+        &[
+            "send-keys",
+            "-t",
+            "one",
+            "echo typed-$((6*7)); stty size; echo pid=$$; echo done-$((1+1))",
+            "Enter",
+        ],
     );
-    let screen = screen_shows(&socket, "one", "pid=");
+    // `done-2` is in the output only (the typed line shows `done-$((1+1))`).
+    let screen = screen_shows(&socket, "one", "done-2");
     assert!(screen.contains("typed-42") && screen.contains("30 100"), "{screen}");
     let pid: String = screen
         .lines()

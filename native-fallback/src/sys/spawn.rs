@@ -49,6 +49,8 @@ struct ChildArgs {
     control: RawFd,
     null: RawFd,
     go: RawFd,
+    /// The parent's end of `go`, which the child's copy of the descriptor table holds too.
+    go_parent: RawFd,
     report: RawFd,
     argv: [*mut libc::c_char; 2],
     envp: [*mut libc::c_char; 1],
@@ -166,6 +168,7 @@ pub(crate) fn clone_init(fds: InitFds<'_>) -> nix::Result<InitChild> {
         control: high_fds[1].as_raw_fd(),
         null: high_fds[2].as_raw_fd(),
         go: high_fds[3].as_raw_fd(),
+        go_parent: go_write.as_raw_fd(),
         report: high_fds[4].as_raw_fd(),
         argv: [c"soulbox-init".as_ptr().cast_mut(), std::ptr::null_mut()],
         envp: [std::ptr::null_mut()],
@@ -213,6 +216,11 @@ extern "C" fn init_child(arg: *mut libc::c_void) -> libc::c_int {
             libc::write(args.report, errno.as_ptr().cast(), errno.len());
             libc::_exit(EXEC_FAILED)
         };
+        // Our copy of the parent's end of `go` must go first: if the parent dies before the
+        // go, the read below then sees EOF and we exit, instead of waiting forever holding
+        // copies of every descriptor the parent had (other sandboxes' control sockets among
+        // them, which would keep those sandboxes alive after the server).
+        libc::close(args.go_parent);
         let mut go = 0u8;
         if libc::read(args.go, (&raw mut go).cast(), 1) != 1 {
             libc::_exit(EXEC_FAILED);

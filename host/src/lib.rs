@@ -14,4 +14,5 @@ pub mod quotas;
 mod remote;
 pub mod server;
 pub mod telemetry;
+pub mod terminal;
 pub mod tokens;

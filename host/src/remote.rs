@@ -518,19 +518,27 @@ pub(crate) enum SandboxCommand {
         server: ServerArgs,
     },
     /// Open an interactive shell in a sandbox, like ssh (exits with the shell's code); with
-    /// --pid, reattach to a terminal left running.
+    /// --pid, reattach to a terminal left running; with --web, print a link that opens the
+    /// shell in a browser instead.
     #[command(after_help = "Examples:
   soulbox sandbox connect $ID
-  soulbox sandbox connect $ID --pid 12      # a shell whose connection dropped")]
+  soulbox sandbox connect $ID --pid 12      # a shell whose connection dropped
+  soulbox sandbox connect $ID --web         # a link to the terminal in a browser")]
     Connect {
         /// The sandbox's id.
         id: String,
         /// Reattach to this terminal's process instead of starting a shell.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "web")]
         pid: Option<u32>,
         /// Start the shell as the sandbox's root.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "web")]
         root: bool,
+        /// Print a link to the web terminal (with a token that opens it, for one sandbox only).
+        #[arg(long)]
+        web: bool,
+        /// How long the link's token opens the terminal (e.g. 5m, 1h; at most 1h).
+        #[arg(long, value_name = "DURATION", default_value = "5m", requires = "web")]
+        ttl: humantime::Duration,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -689,7 +697,20 @@ pub(crate) async fn sandbox(command: SandboxCommand) -> ExitCode {
                     simple(&server, "POST", &format!("/sandboxes/{id}/resume"), "resumed", &id)
                         .await
                 }
-                SandboxCommand::Connect { id, pid, root, server } => {
+                SandboxCommand::Connect { id, web: true, ttl, server, .. } => {
+                    let client = ApiClient::resolve(&server)?;
+                    let body = json!({ "ttl_secs": ttl.as_secs() });
+                    let path = format!("/v1/sandboxes/{id}/terminal/token");
+                    let answer = client.expect("POST", &path, Some(body)).await?;
+                    let url = format!("{}{}", client.base, answer["url"].as_str().unwrap_or("/"));
+                    if server.json {
+                        return print_json(&json!({ "url": url, "expires_at": answer["expires_at"] }));
+                    }
+                    println!("{url}");
+                    eprintln!("(open it in a browser within {ttl}; the link opens this sandbox's terminal only)");
+                    Ok(())
+                }
+                SandboxCommand::Connect { id, pid, root, server, .. } => {
                     let code = connect(&id, pid, root, &server).await?;
                     if code != 0 {
                         // The shell's own code, after the terminal is restored.

@@ -6,6 +6,7 @@
 //!   fresh sandbox. The answer is one JSON object (the shape of `soulbox run --json`), or with
 //!   `"stream": true` a stream of JSON lines, one per event, the last of type `end`.
 //! - E2B's control plane (`/v2/sandboxes`, `/sandboxes/{id}`...), see [`crate::e2b`].
+//! - The web terminal (`/sandboxes/{id}/terminal` and its WebSocket), see [`crate::terminal`].
 //! - A sandbox's data plane (envd and the code interpreter), for requests that name a
 //!   sandbox (`E2b-Sandbox-Id`, or a `{port}-{id}.{domain}` host), see `crate::envd`.
 
@@ -47,9 +48,11 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
+        .merge(crate::terminal::authenticated_routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
+        .merge(crate::terminal::open_routes())
         .merge(authenticated)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(app)
@@ -541,7 +544,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
 }

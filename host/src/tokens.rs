@@ -9,6 +9,9 @@
 //! - **Session tokens**: short-lived JWTs (HS256 with the server's secret) that
 //!   `POST /v1/tokens` issues to a key, for browsers and terminals; a revoked key's tokens stop
 //!   working with it.
+//! - **Terminal tokens**: JWTs like session tokens, for one sandbox's web terminal only
+//!   (audience `soulbox-terminal`, the sandbox in `sandbox`), so a browser holds no key; a
+//!   session token is not a terminal token, and a terminal token opens nothing else.
 //! - **OpenID Connect**: JWTs of an external issuer, checked against its JWKS (fetched at
 //!   start), with the team and role in the `soulbox_team` and `soulbox_role` claims.
 //!
@@ -82,6 +85,22 @@ struct SessionClaims {
     sub: String,
     team: String,
     role: Role,
+    iat: u64,
+    exp: u64,
+}
+
+/// The audience of terminal tokens (session tokens carry none).
+const TERMINAL_AUDIENCE: &str = "soulbox-terminal";
+
+/// The claims of a terminal token.
+#[derive(Debug, Serialize, Deserialize)]
+struct TerminalClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    team: String,
+    role: Role,
+    sandbox: String,
     iat: u64,
     exp: u64,
 }
@@ -221,6 +240,68 @@ impl Tokens {
         )
         .map_err(|e| TokenError::Refused(e.to_string()))?;
         Ok((token, exp))
+    }
+
+    /// A terminal token for `principal` and sandbox `sandbox_id`, living `ttl` (at most
+    /// [`MAX_TOKEN_TTL`]); with its expiry (Unix seconds).
+    pub fn issue_terminal(
+        &self,
+        principal: &Principal,
+        sandbox_id: &str,
+        ttl: Duration,
+    ) -> Result<(String, u64), TokenError> {
+        let iat = now_secs();
+        let exp = iat + ttl.min(MAX_TOKEN_TTL).as_secs();
+        let claims = TerminalClaims {
+            iss: ISSUER.to_owned(),
+            aud: TERMINAL_AUDIENCE.to_owned(),
+            sub: principal.key_id.clone(),
+            team: principal.team.clone(),
+            role: principal.role,
+            sandbox: sandbox_id.to_owned(),
+            iat,
+            exp,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.secret),
+        )
+        .map_err(|e| TokenError::Refused(e.to_string()))?;
+        Ok((token, exp))
+    }
+
+    /// Checks a terminal token for sandbox `sandbox_id`: who it was issued to. The key behind
+    /// it must still be valid (an OpenID Connect subject has no key to revoke).
+    pub fn verify_terminal(
+        &self,
+        keys: &Keys,
+        token: &str,
+        sandbox_id: &str,
+    ) -> Result<Principal, TokenError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[TERMINAL_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<TerminalClaims>(
+            token,
+            &DecodingKey::from_secret(&self.secret),
+            &validation,
+        )
+        .map_err(|e| TokenError::Refused(format!("the terminal token is not valid: {e}")))?;
+        let claims = data.claims;
+        if claims.sandbox != sandbox_id {
+            return Err(TokenError::Refused(format!(
+                "the terminal token is for sandbox {}, not {sandbox_id}",
+                claims.sandbox
+            )));
+        }
+        if claims.sub.starts_with("oidc:") {
+            return Ok(Principal { key_id: claims.sub, team: claims.team, role: claims.role });
+        }
+        let principal = keys.principal(&claims.sub).ok_or(TokenError::KeyInvalid)?;
+        Ok(Principal { role: principal.role.min(claims.role), ..principal })
     }
 
     /// Checks a bearer JWT: one of the server's session tokens, or one of the OIDC issuer's.

@@ -691,6 +691,18 @@ fn the_cli_makes_a_sandbox_runs_in_it_lists_its_processes_and_follows_its_logs()
     let past = text(&cli(&["logs", &id]).stdout);
     assert!(past.contains("out") && past.contains("followed-line"), "{past}");
 
+    // `connect --web` prints a link to the web terminal, with a token for this sandbox only.
+    let out = cli(&["sandbox", "connect", &id, "--web", "--ttl", "2m", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let link: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let page = format!("{url}/sandboxes/{id}/terminal#token=");
+    assert!(link["url"].as_str().is_some_and(|u| u.starts_with(&page)), "{link}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now");
+    let left = link["expires_at"].as_u64().expect("an expiry").saturating_sub(now.as_secs());
+    assert!((100..=121).contains(&left), "a two-minute token: {link}");
+    let out = cli(&["sandbox", "connect", &id, "--web", "--pid", "1"]);
+    assert_eq!(out.status.code(), Some(2), "--web and --pid exclude each other");
+
     assert!(cli(&["sandbox", "pause", &id]).status.success());
     assert!(text(&cli(&["sandbox", "info", &id]).stdout).contains("paused"));
     assert!(cli(&["sandbox", "kill", &id]).status.success());

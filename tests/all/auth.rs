@@ -87,6 +87,12 @@ async fn every_route_checks_the_key_the_role_and_the_team() {
         ("DELETE", "/v1/keys/000000000000".into(), None, [403, 403, 204, 404]),
         ("GET", format!("/v1/sandboxes/{id}/logs"), None, [200, 200, 200, 404]),
         ("GET", "/metrics".into(), None, [200, 200, 200, 200]),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/terminal/token"),
+            Some(json!({"ttl_secs": 60})),
+            [403, 201, 201, 404],
+        ),
         ("POST", "/v1/tokens".into(), Some(json!({"ttl_secs": 60})), [201, 201, 201, 201]),
         ("GET", "/v1/audit".into(), None, [403, 403, 200, 200]),
         ("GET", "/v1/usage".into(), None, [403, 403, 200, 200]),

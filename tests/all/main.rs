@@ -16,3 +16,4 @@ mod native;
 mod native_escape;
 mod packs;
 mod plugin;
+mod terminal;

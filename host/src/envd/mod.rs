@@ -182,16 +182,7 @@ pub(crate) async fn route(
     let Some(manager) = plane.app.manager() else {
         return sandbox_not_found(&target.sandbox_id);
     };
-    // A paused sandbox created with auto-resume resumes on its first traffic.
-    if let Ok(record) = manager.get(&target.sandbox_id)
-        && record.state == soulbox_runtime::SandboxState::Paused
-        && record.auto_resume
-    {
-        let lifetime = soulbox_runtime::SandboxManager::lifetime(&record);
-        if let Err(e) = manager.resume(&target.sandbox_id, lifetime).await {
-            tracing::warn!(sandbox = %target.sandbox_id, error = %e, "auto-resume");
-        }
-    }
+    wake(manager, &target.sandbox_id).await;
     let live = match manager.get(&target.sandbox_id).and_then(|record| {
         let (sandbox, processes) = manager.processes(&target.sandbox_id)?;
         Ok(LiveSandbox { record, sandbox, processes })
@@ -226,6 +217,20 @@ pub(crate) async fn route(
     match router.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
+    }
+}
+
+/// Resumes sandbox `id` if it is paused and was created with auto-resume: it wakes on its
+/// first traffic.
+pub(crate) async fn wake(manager: &soulbox_runtime::SandboxManager, id: &str) {
+    if let Ok(record) = manager.get(id)
+        && record.state == soulbox_runtime::SandboxState::Paused
+        && record.auto_resume
+    {
+        let lifetime = soulbox_runtime::SandboxManager::lifetime(&record);
+        if let Err(e) = manager.resume(id, lifetime).await {
+            tracing::warn!(sandbox = %id, error = %e, "auto-resume");
+        }
     }
 }
 

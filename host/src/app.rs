@@ -31,6 +31,8 @@ pub struct App {
     tokens: Option<Arc<crate::tokens::Tokens>>,
     /// The server's Prometheus metrics.
     telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The limits on new work.
+    admission: Arc<crate::admission::Admission>,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -75,7 +77,8 @@ impl App {
         let mut tiers = Vec::new();
         #[cfg(feature = "wasm")]
         let wasm = Arc::new(soulbox_wasm::WasmBackend::builder(data_dir).build()?);
-        let dispatcher = Dispatcher::new();
+        let telemetry = Arc::new(crate::telemetry::Telemetry::default());
+        let dispatcher = Dispatcher::new().with_observer(telemetry.clone());
         #[cfg(feature = "wasm")]
         let dispatcher = {
             tiers.push(TierStatus { tier: Tier::Wasm, available: true, reason: None });
@@ -122,7 +125,10 @@ impl App {
             audit: None,
             quotas: None,
             tokens: None,
-            telemetry: Arc::default(),
+            telemetry,
+            admission: Arc::new(crate::admission::Admission::new(
+                crate::admission::AdmissionConfig::default(),
+            )),
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -132,6 +138,17 @@ impl App {
             #[cfg(feature = "wasm")]
             wasm,
         })
+    }
+
+    /// The app with these limits on new work.
+    pub fn with_admission(mut self, config: crate::admission::AdmissionConfig) -> Self {
+        self.admission = Arc::new(crate::admission::Admission::new(config));
+        self
+    }
+
+    /// The limits on new work.
+    pub fn admission(&self) -> &crate::admission::Admission {
+        &self.admission
     }
 
     /// Starts preparing what the tiers keep ready (the native tier's pool of prepared
@@ -206,13 +223,11 @@ impl App {
         &self.telemetry
     }
 
-    /// How many prepared native sandboxes wait in the pool (none without the native tier).
-    pub fn native_pool(&self) -> Option<usize> {
-        #[cfg(feature = "native")]
-        if let Some(native) = &self.native {
-            return Some(native.tier().pooled());
-        }
-        None
+    /// The native tier's pool of prepared sandboxes: ready, target, hits, misses (none
+    /// without the native tier).
+    #[cfg(feature = "native")]
+    pub fn native_pool(&self) -> Option<soulbox_native::PoolStats> {
+        self.native.as_ref().map(|native| native.tier().pool_stats())
     }
 
     /// The polled directory watchers of the data plane.

@@ -171,6 +171,42 @@ struct ServeArgs {
     /// Where its signing keys (JWKS) are, fetched at start.
     #[arg(long, env = "SOULBOX_OIDC_JWKS_URL")]
     oidc_jwks_url: Option<String>,
+    /// Live sandboxes at once; creates past it are refused with 429.
+    #[arg(long, env = "SOULBOX_MAX_SANDBOXES", default_value_t = crate::admission::DEFAULT_MAX_SANDBOXES)]
+    max_sandboxes: usize,
+    /// Live sandboxes of one team at once (a team's quota may lower its own).
+    #[arg(long, env = "SOULBOX_MAX_SANDBOXES_PER_TEAM")]
+    max_sandboxes_per_team: Option<usize>,
+    /// Executions (cells, commands starting, runs) at once; past it, requests wait in line.
+    #[arg(long, env = "SOULBOX_MAX_EXECUTIONS", default_value_t = crate::admission::DEFAULT_MAX_EXECUTIONS)]
+    max_executions: usize,
+    /// Executions of one team at once.
+    #[arg(long, env = "SOULBOX_MAX_EXECUTIONS_PER_TEAM")]
+    max_executions_per_team: Option<usize>,
+    /// How long a request waits in line for an execution before it is refused with 429.
+    #[arg(long, env = "SOULBOX_QUEUE_TIMEOUT", default_value = "2s", value_name = "DURATION")]
+    queue_timeout: humantime::Duration,
+    /// New sandboxes and executions are refused (503) while less memory than this is
+    /// available, in MiB (default: 256 MiB or a twentieth of the host's memory, if more).
+    #[arg(long, env = "SOULBOX_MIN_FREE_MEMORY_MIB", value_name = "MIB")]
+    min_free_memory_mib: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The limits these options set.
+    fn admission(&self) -> crate::admission::AdmissionConfig {
+        let defaults = crate::admission::AdmissionConfig::default();
+        crate::admission::AdmissionConfig {
+            max_sandboxes: self.max_sandboxes,
+            max_sandboxes_per_team: self.max_sandboxes_per_team.unwrap_or(self.max_sandboxes),
+            max_executions: self.max_executions,
+            max_executions_per_team: self.max_executions_per_team.unwrap_or(self.max_executions),
+            queue_timeout: self.queue_timeout.into(),
+            min_free_memory_bytes: self
+                .min_free_memory_mib
+                .map_or(defaults.min_free_memory_bytes, |mib| mib << 20),
+        }
+    }
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -509,6 +545,7 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         _ => app,
     };
+    let app = app.with_admission(args.admission());
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
             .iter()

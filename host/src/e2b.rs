@@ -74,18 +74,31 @@ async fn require_json(request: axum::extract::Request, next: axum::middleware::N
 pub(crate) struct E2bError {
     status: StatusCode,
     message: String,
+    /// `Retry-After`, in seconds, for a refusal that passes.
+    retry_after: Option<u64>,
 }
 
 impl E2bError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), retry_after: None }
     }
 }
 
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
         let body = json!({ "code": self.status.as_u16(), "message": self.message });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
+    }
+}
+
+impl From<crate::admission::Refusal> for E2bError {
+    fn from(refusal: crate::admission::Refusal) -> Self {
+        let retry_after = Some(refusal.retry_after_secs());
+        Self { status: refusal.status, message: refusal.message, retry_after }
     }
 }
 
@@ -124,30 +137,13 @@ fn team_of(record: &SandboxRecord) -> &str {
     if record.team.is_empty() { DEFAULT_TEAM } else { &record.team }
 }
 
-/// Refuses a sandbox its team's quota does not allow: 429 for one too many, 400 for a timeout
-/// or memory limit above the quota.
-fn check_quota(
-    app: &App,
-    manager: &SandboxManager,
-    create: &CreateSandbox,
-) -> Result<(), E2bError> {
-    let Some(quotas) = app.quotas() else { return Ok(()) };
+/// Refuses a sandbox its team's quota does not allow (400 for a timeout or memory limit above
+/// it); the team's quota of live sandboxes, which admission control holds.
+fn check_quota(app: &App, create: &CreateSandbox) -> Result<Option<usize>, E2bError> {
+    let Some(quotas) = app.quotas() else { return Ok(None) };
     let quota = quotas
         .get(&create.team)
         .map_err(|e| E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Some(max) = quota.max_live_sandboxes {
-        let filter = ListFilter { team: Some(create.team.clone()), ..ListFilter::default() };
-        let live = manager.list(&filter).sandboxes.len();
-        if live >= usize::try_from(max).unwrap_or(usize::MAX) {
-            return Err(E2bError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "team {} has {live} live sandboxes, its quota; kill one first",
-                    create.team
-                ),
-            ));
-        }
-    }
     if let Some(max) = quota.max_timeout_secs
         && create.timeout.as_secs() > max
     {
@@ -172,7 +168,7 @@ fn check_quota(
             ),
         ));
     }
-    Ok(())
+    Ok(quota.max_live_sandboxes.map(|max| usize::try_from(max).unwrap_or(usize::MAX)))
 }
 
 fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
@@ -384,7 +380,11 @@ async fn create(
     create.team = principal.team.clone();
     let began = std::time::Instant::now();
     let template = create.template.clone();
-    let created = check_quota(&app, manager, &create).and_then(|()| Ok(manager.create(create)?));
+    let team = create.team.clone();
+    let created = check_quota(&app, &create).and_then(|live_quota| {
+        let live = |team: Option<&str>| manager.count_live(team);
+        app.admission().admit_sandbox(&team, live_quota, live, || Ok(manager.create(create)?))
+    });
     let outcome = match &created {
         Ok(_) => "created",
         Err(e) if e.status.is_client_error() => "refused",

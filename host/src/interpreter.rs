@@ -164,6 +164,10 @@ async fn execute(
         *count += 1;
         *count
     };
+    let place = match app.admission().execution(&live.record.team).await {
+        Ok(place) => place,
+        Err(refusal) => return crate::e2b::E2bError::from(refusal).into_response(),
+    };
     let mut limits = live.sandbox.spec().limits;
     limits.wall_timeout = CELL_TIMEOUT;
     let exec = ExecRequest {
@@ -183,6 +187,7 @@ async fn execute(
     app.telemetry().execution("cell");
     let (lines, receiver) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
     tokio::spawn(async move {
+        let _place = place;
         let mut text = TextStreams::default();
         let first = json!({ "type": "number_of_executions", "execution_count": count });
         if lines.send(Ok(line_of(&first))).await.is_err() {

@@ -3,6 +3,7 @@
 //! interpreter in `interpreter`) and the command-line interface ([`cli`]). `main.rs` only
 //! calls [`cli::main`].
 
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod auth;

@@ -229,7 +229,7 @@ async fn authenticate(
 
 /// `GET /metrics`: the server's metrics in Prometheus' text format.
 async fn metrics(State(app): State<App>) -> Response {
-    let text = app.telemetry().render(app.manager(), app.native_pool());
+    let text = app.telemetry().render(&app);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -541,18 +541,36 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// `Retry-After`, in seconds, for a refusal that passes.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after: None }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+        }
+        response
+    }
+}
+
+impl From<crate::admission::Refusal> for ApiError {
+    fn from(refusal: crate::admission::Refusal) -> Self {
+        let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+            "too_many_requests"
+        } else {
+            "overloaded"
+        };
+        let retry_after = Some(refusal.retry_after_secs());
+        Self { status: refusal.status, code, message: refusal.message, retry_after }
     }
 }
 
@@ -612,6 +630,7 @@ struct RunRequest {
 
 async fn run(
     State(app): State<App>,
+    Extension(principal): Extension<Principal>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
@@ -660,6 +679,7 @@ async fn run(
         tier: request.tier,
         context: None,
     };
+    let place = app.admission().execution(&principal.team).await?;
     let sandbox = app.ephemeral_sandbox(SandboxSpec::default()).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string())
     })?;
@@ -675,6 +695,7 @@ async fn run(
     if !request.stream {
         let (mut done, output) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
+            let _place = place;
             // A client that hangs up stops the execution (dropping it cancels the work).
             tokio::select! {
                 output = execution.collect() => { let _ = done.send(output); }
@@ -694,6 +715,7 @@ async fn run(
     let (lines, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let tier = execution.tier();
     tokio::spawn(async move {
+        let _place = place;
         let mut execution = execution;
         while let Some(event) = execution.next_event().await {
             if lines.send(Ok(event_line(tier, &event))).await.is_err() {

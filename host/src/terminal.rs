@@ -256,6 +256,10 @@ async fn open(
     let followed = match query.pid {
         Some(pid) => reattach(&table, pid),
         None => {
+            let place = match app.admission().execution(&principal.team).await {
+                Ok(place) => place,
+                Err(refusal) => return ApiError::from(refusal).into_response(),
+            };
             let user = query.user.as_deref().unwrap_or("user");
             let Some(user) = SandboxUser::parse(user) else {
                 let message = format!("no user {user}: `user` or `root`");
@@ -270,7 +274,9 @@ async fn open(
                 terminal: Some(size),
                 ..ProcessRequest::default()
             };
-            table.start(app.dispatcher(), &sandbox, request).await
+            let started = table.start(app.dispatcher(), &sandbox, request).await;
+            drop(place);
+            started
         }
     };
     let (pid, follower) = match followed {

@@ -16,7 +16,7 @@
 //! reports the failed step, the host kills it and removes what it made): there is no path
 //! that runs guest code with less isolation than asked. The sequence has two parts: the first
 //! builds everything but the workspace and may run ahead of time, for the tier's pool of
-//! prepared sandboxes ([`NativeConfig::pool_size`]); the second runs when a sandbox is
+//! prepared sandboxes (see [`pool`]); the second runs when a sandbox is
 //! started. No guest code runs before the second part is complete.
 //!
 //! **Prepare**, on the host ([`NativeTier`], `sandbox.rs`):
@@ -94,6 +94,7 @@
 mod backend;
 mod cgroup;
 mod control;
+pub mod pool;
 mod protocol;
 mod rootfs;
 mod sandbox;
@@ -102,13 +103,12 @@ pub mod seccomp;
 mod sys;
 mod workspace;
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -117,6 +117,8 @@ use nix::sys::wait::waitpid;
 
 pub use backend::{NativeBackend, NativeLanguage};
 pub use cgroup::{CgroupError, CgroupLimits, host_version as cgroup_version};
+use pool::Pool;
+pub use pool::PoolStats;
 pub use protocol::ExitStatus;
 use protocol::{BpfInstruction, SetupPlan};
 use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
@@ -246,9 +248,13 @@ pub struct NativeConfig {
     pub open_files: u64,
     /// The largest file a process may write.
     pub file_bytes: u64,
-    /// How many prepared sandboxes (init started, root built, waiting for a workspace) the
-    /// tier keeps ready, so that a new sandbox is a hand-over; 0 prepares each on demand.
-    pub pool_size: usize,
+    /// The fewest prepared sandboxes (init started, root built, waiting for a workspace) the
+    /// tier keeps ready, even when idle, so that a new sandbox is a hand-over.
+    pub pool_min: usize,
+    /// The most it keeps ready however high the demand; 0 prepares each on demand.
+    pub pool_max: usize,
+    /// The pool does not grow while less memory than this is available on the host.
+    pub pool_min_free_memory_bytes: u64,
 }
 
 /// Default size of a sandbox's `/tmp`.
@@ -263,8 +269,12 @@ pub const DEFAULT_CPU_QUOTA_US: u64 = 100_000;
 pub const DEFAULT_OPEN_FILES: u64 = 1024;
 /// Default largest file: 1 GiB.
 pub const DEFAULT_FILE_BYTES: u64 = 1 << 30;
-/// Default number of prepared sandboxes kept ready.
-pub const DEFAULT_POOL_SIZE: usize = 2;
+/// Default fewest prepared sandboxes kept ready.
+pub const DEFAULT_POOL_MIN: usize = 2;
+/// Default most prepared sandboxes kept ready.
+pub const DEFAULT_POOL_MAX: usize = 32;
+/// Default memory the pool leaves to running sandboxes: it does not grow below 1 GiB free.
+pub const DEFAULT_POOL_MIN_FREE_MEMORY_BYTES: u64 = 1 << 30;
 /// How long the pool waits after a sandbox was taken before it prepares another.
 const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 /// Memory limit of a prepared sandbox until an execution sets its own.
@@ -283,7 +293,9 @@ impl NativeConfig {
             cpu_quota_us: DEFAULT_CPU_QUOTA_US,
             open_files: DEFAULT_OPEN_FILES,
             file_bytes: DEFAULT_FILE_BYTES,
-            pool_size: DEFAULT_POOL_SIZE,
+            pool_min: DEFAULT_POOL_MIN,
+            pool_max: DEFAULT_POOL_MAX,
+            pool_min_free_memory_bytes: DEFAULT_POOL_MIN_FREE_MEMORY_BYTES,
         }
     }
 }
@@ -298,8 +310,10 @@ pub struct NativeTier {
     idmap: OwnedFd,
     rootfs: HostRootfs,
     seccomp: Vec<Vec<BpfInstruction>>,
-    pool: Mutex<VecDeque<PreparedSandbox>>,
-    refilling: AtomicBool,
+    pool: Pool,
+    /// Whether the pool's keeper runs; it is woken when a sandbox is taken.
+    keeping: AtomicBool,
+    taken: Arc<tokio::sync::Notify>,
 }
 
 /// Numbers the control groups of this process (`soulbox/<pid>-<n>`), across all its tiers.
@@ -339,9 +353,10 @@ impl NativeTier {
             idmap: workspace_idmap()?,
             rootfs: HostRootfs::prepare(&config.state_dir)?,
             seccomp,
+            pool: Pool::new(config.pool_min, config.pool_max),
             config,
-            pool: Mutex::default(),
-            refilling: AtomicBool::new(false),
+            keeping: AtomicBool::new(false),
+            taken: Arc::default(),
         })
     }
 
@@ -358,8 +373,10 @@ impl NativeTier {
         workspace: &Path,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
-        let pooled = self.lock_pool().pop_front();
-        let started = match pooled {
+        let pooled = self.pool.take();
+        self.warm();
+        self.taken.notify_one();
+        match pooled {
             Some(prepared) => match prepared.enter(self, workspace, memory_bytes).await {
                 Ok(sandbox) => Ok(sandbox),
                 // A pooled init that died meanwhile (killed from outside): prepare afresh.
@@ -369,24 +386,74 @@ impl NativeTier {
                 }
             },
             None => self.prepare().await?.enter(self, workspace, memory_bytes).await,
-        };
-        self.refill();
-        started
+        }
     }
 
-    /// Fills the pool in the background (a server calls it once it is up, so that its first
-    /// sandboxes are hand-overs too). Must be called within a tokio runtime.
+    /// Starts the pool's keeper in the background, once (a server calls it when it is up, so
+    /// that its first sandboxes are hand-overs too; a start calls it too). It fills the pool
+    /// to its target and trims what idle demand no longer needs, until the tier is dropped.
+    /// Must be called within a tokio runtime.
     pub fn warm(self: &Arc<Self>) {
-        self.refill();
+        if !self.pool.enabled() || self.keeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tier = Arc::downgrade(self);
+        let taken = Arc::clone(&self.taken);
+        tokio::spawn(async move {
+            while let Some(tier) = tier.upgrade() {
+                tier.keep_pool().await;
+                drop(tier);
+                tokio::select! {
+                    // The request that took a sandbox usually runs its first command at
+                    // once: let it, rather than compete with it for the CPU and the kernel's
+                    // namespace and cgroup locks.
+                    () = taken.notified() => tokio::time::sleep(REFILL_DELAY).await,
+                    () = tokio::time::sleep(pool::MAINTENANCE_INTERVAL) => {}
+                }
+            }
+        });
     }
 
     /// How many prepared sandboxes wait in the pool.
     pub fn pooled(&self) -> usize {
-        self.lock_pool().len()
+        self.pool.stats().ready
     }
 
-    fn lock_pool(&self) -> std::sync::MutexGuard<'_, VecDeque<PreparedSandbox>> {
-        self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The pool's state: ready, target, hits and misses, demand.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Trims the pool to its target, then fills it (a few at a time) while memory allows.
+    async fn keep_pool(&self) {
+        let surplus = self.pool.surplus();
+        if !surplus.is_empty() {
+            // Tearing down reaps init: off the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(surplus)).await;
+        }
+        loop {
+            let missing = self.pool.target().saturating_sub(self.pooled());
+            if missing == 0 {
+                return;
+            }
+            if soulbox_runtime::host_memory::available_bytes()
+                < self.config.pool_min_free_memory_bytes
+            {
+                tracing::debug!("the host is short of memory: the pool waits");
+                return;
+            }
+            let batch = missing.min(pool::PARALLEL_PREPARES);
+            let prepared = futures::future::join_all((0..batch).map(|_| self.prepare())).await;
+            for prepared in prepared {
+                match prepared {
+                    Ok(prepared) => self.pool.put(prepared),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "preparing a sandbox for the pool");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     async fn prepare(&self) -> Result<PreparedSandbox, NativeError> {
@@ -398,30 +465,6 @@ impl NativeTier {
         let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{n}", std::process::id());
         PreparedSandbox::prepare(self, &name, limits).await
-    }
-
-    /// Tops the pool up in the background (one refill at a time).
-    fn refill(self: &Arc<Self>) {
-        if self.config.pool_size == 0 || self.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let tier = Arc::clone(self);
-        tokio::spawn(async move {
-            // The request that took a sandbox usually runs its first command at once: let it,
-            // rather than compete with it for the CPU and the kernel's namespace and cgroup
-            // locks.
-            tokio::time::sleep(REFILL_DELAY).await;
-            while tier.pooled() < tier.config.pool_size {
-                match tier.prepare().await {
-                    Ok(prepared) => tier.lock_pool().push_back(prepared),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "preparing a sandbox for the pool");
-                        break;
-                    }
-                }
-            }
-            tier.refilling.store(false, Ordering::Release);
-        });
     }
 
     fn plan(&self, mounts: Vec<String>) -> SetupPlan {

@@ -6,7 +6,7 @@
 //! reported with every execution.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde::Serialize;
@@ -68,18 +68,51 @@ fn list_or_none(languages: &[Language]) -> String {
     languages.iter().map(Language::as_str).collect::<Vec<_>>().join(", ")
 }
 
+/// The threads executions run on, apart from the caller's (the API's): a guest that computes
+/// without pause (a WASM cell yields to its runtime only every epoch tick) then competes with
+/// the API for the CPU through the kernel's scheduler, which serves a woken API thread at
+/// once, instead of queueing the API's tasks behind it. One per process, as many threads as
+/// CPUs, never dropped.
+fn executions() -> &'static tokio::runtime::Runtime {
+    static EXECUTIONS: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    EXECUTIONS.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name("soulbox-exec")
+            // Look at I/O (a native process's output, a timer) often, even while guests
+            // keep every thread busy.
+            .event_interval(8)
+            .enable_all()
+            .build()
+            .expect("the execution threads start")
+    })
+}
+
+/// Sees every execution end (for metrics): its tier, how it ended (`None`: SoulBox failed
+/// it), and how long it took from acceptance.
+pub trait ExecutionObserver: Send + Sync + std::fmt::Debug {
+    /// An execution ended.
+    fn execution_ended(&self, tier: Tier, termination: Option<&Termination>, took: Duration);
+}
+
 /// Routes executions to the tiers. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Dispatcher {
     backends: Vec<Arc<dyn Backend>>,
     /// Tiers that could not start here, with the reason, for refusals that say why.
     unavailable: Vec<(Tier, String)>,
+    observer: Option<Arc<dyn ExecutionObserver>>,
 }
 
 impl Dispatcher {
     /// A dispatcher with no tiers; add them with [`Dispatcher::with_backend`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tells `observer` of every execution's end.
+    pub fn with_observer(mut self, observer: Arc<dyn ExecutionObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Adds a tier. At most one backend per tier; a second one replaces the first.
@@ -229,8 +262,12 @@ impl Dispatcher {
         let tier = backend.tier();
         let (sink, events) = EventSink::channel();
         let accepted = Instant::now();
-        tracing::debug!(sandbox = %sandbox.id(), %tier, "dispatching execution");
-        tokio::spawn(async move {
+        let observer = self.observer.clone();
+        // The execution's span is a child of the request's, so one slow request can be
+        // followed from the API through the dispatch into its tier.
+        let span = tracing::info_span!("execution", sandbox = %sandbox.id(), %tier);
+        tracing::debug!(parent: &span, "dispatching execution");
+        let work = async move {
             let outcome = tokio::select! {
                 outcome = backend.exec(&sandbox, request, &sink) => outcome,
                 () = sink.closed() => {
@@ -253,8 +290,16 @@ impl Dispatcher {
                     ExecEvent::Failed(error.to_string())
                 }
             };
+            if let Some(observer) = &observer {
+                let termination = match &event {
+                    ExecEvent::End(summary) => Some(&summary.termination),
+                    _ => None,
+                };
+                observer.execution_ended(tier, termination, accepted.elapsed());
+            }
             sink.send(event);
-        });
+        };
+        executions().spawn(tracing::Instrument::instrument(work, span));
         Ok(Execution { tier, events })
     }
 

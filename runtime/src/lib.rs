@@ -17,6 +17,7 @@
 mod backend;
 mod dispatch;
 mod exec;
+pub mod host_memory;
 mod limits;
 mod logs;
 mod manager;
@@ -27,7 +28,7 @@ mod store;
 pub use backend::{
     Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport, ResourceUsage,
 };
-pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution};
+pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution, ExecutionObserver};
 pub use exec::{
     CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
     Termination, Tier, TierPreference, Timings,
@@ -42,7 +43,7 @@ pub use manager::{
     CreateSandbox, DEFAULT_SANDBOX_TIMEOUT, ListFilter, MAX_ENV_ENTRIES, MAX_KEY_BYTES,
     MAX_LIST_PAGE, MAX_METADATA_ENTRIES, MAX_SANDBOX_TIMEOUT, MAX_VALUE_BYTES, ManagerError,
     OnTimeout, SANDBOX_CPU_COUNT, SandboxManager, SandboxMetrics, SandboxPage, SandboxRecord,
-    SandboxState, Usage,
+    SandboxState, TierLoad, Usage,
 };
 pub use process::{
     MAX_TERMINAL_CELLS, ProcessControl, ProcessEnd, ProcessError, ProcessEvent, ProcessFollower,

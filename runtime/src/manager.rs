@@ -296,6 +296,17 @@ pub const SANDBOX_CPU_COUNT: u32 = 1;
 /// The most files [`SandboxManager::metrics`] counts for the disk use of one workspace.
 const MAX_COUNTED_FILES: usize = 1_000_000;
 
+/// What a team's live sandboxes hold in one tier now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierLoad {
+    /// Sandboxes active in the tier (a kernel started, a native sandbox running).
+    pub sandboxes: usize,
+    /// CPU time they have used in it.
+    pub cpu_time: Duration,
+    /// Memory they hold in it now.
+    pub memory_bytes: u64,
+}
+
 /// What a sandbox uses, sampled now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SandboxMetrics {
@@ -559,6 +570,43 @@ impl SandboxManager {
             .flatten();
         records.truncate(limit);
         SandboxPage { sandboxes: records, next_token }
+    }
+
+    /// How many sandboxes are live (running or paused): all of them, or `team`'s.
+    pub fn count_live(&self, team: Option<&str>) -> usize {
+        let sandboxes = self.lock();
+        match team {
+            None => sandboxes.len(),
+            Some(team) => sandboxes.values().filter(|e| e.record.team == team).count(),
+        }
+    }
+
+    /// What the live sandboxes hold now, by team and tier (for metrics).
+    pub fn load_by_team(&self) -> BTreeMap<(String, Tier), TierLoad> {
+        let live: Vec<(String, Arc<Sandbox>)> =
+            self.lock().values().map(|e| (e.record.team.clone(), e.sandbox.clone())).collect();
+        let mut load: BTreeMap<(String, Tier), TierLoad> = BTreeMap::new();
+        for (team, sandbox) in live {
+            for (tier, used) in self.dispatcher.usage_by_tier(&sandbox) {
+                if used.cpu_time.is_zero() && used.memory_bytes == 0 {
+                    continue;
+                }
+                let entry = load.entry((team.clone(), tier)).or_default();
+                entry.sandboxes += 1;
+                entry.cpu_time += used.cpu_time;
+                entry.memory_bytes += used.memory_bytes;
+            }
+        }
+        load
+    }
+
+    /// The live sandboxes counted by `key` of their records (for metrics).
+    pub fn count_by<K: Ord>(&self, key: impl Fn(&SandboxRecord) -> K) -> BTreeMap<K, usize> {
+        let mut counts = BTreeMap::new();
+        for entry in self.lock().values() {
+            *counts.entry(key(&entry.record)).or_insert(0) += 1;
+        }
+        counts
     }
 
     fn update(

@@ -139,6 +139,14 @@ async fn metrics_are_prometheus_text_named_soulbox() {
     let (status, _, _) =
         call("POST", &format!("{base}/v2/sandboxes"), Some(json!({"templateID": "base"}))).await;
     assert_eq!(status, 201);
+    // A cell that ends, and one stopped at its time limit: both counted, by how they ended.
+    let run = format!("{base}/v1/run");
+    for (code, timeout_ms) in [("1 + 1", 10_000), ("while True: pass", 200)] {
+        let body =
+            json!({"language": "python", "code": code, "limits": {"timeout_ms": timeout_ms}});
+        let (status, _, _) = call("POST", &run, Some(body)).await;
+        assert_eq!(status, 200);
+    }
     let (status, headers, body) = http_request("GET", &format!("{base}/metrics"), None).await;
     assert_eq!(status, 200);
     assert!(
@@ -170,8 +178,15 @@ async fn metrics_are_prometheus_text_named_soulbox() {
         r#"soulbox_sandboxes{state="running",template="base"} 1"#,
         r#"soulbox_sandbox_creates_total{template="base",outcome="created"} 1"#,
         r#"soulbox_sandbox_create_duration_seconds_count{template="base"} 1"#,
-        "soulbox_native_pool_sandboxes ",
+        r#"soulbox_pool_sandboxes{tier="native"} "#,
+        r#"soulbox_pool_target_sandboxes{tier="native"} "#,
+        r#"soulbox_pool_misses_total{tier="native"} "#,
         r#"soulbox_api_responses_total{class="2xx"}"#,
+        r#"soulbox_execution_terminations_total{tier="wasm",termination="exited"} 1"#,
+        r#"soulbox_execution_terminations_total{tier="wasm",termination="timed_out"} 1"#,
+        r#"soulbox_execution_duration_seconds_count{tier="wasm"} 2"#,
+        "soulbox_executions_running 0",
+        "soulbox_memory_available_bytes ",
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");
     }

@@ -2,6 +2,7 @@
 //! HTTP over sockets. The packs are installed once into a shared data directory (see
 //! `soulbox_tests::wasm_backend`); the first run on a machine takes a few minutes for that.
 
+mod admission;
 mod auth;
 mod cells;
 mod e2b_control;

@@ -304,7 +304,8 @@ async fn control_groups_left_by_a_dead_server_are_removed_at_start() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     let config = soulbox_native::NativeConfig {
-        pool_size: 0,
+        pool_min: 0,
+        pool_max: 0,
         ..soulbox_native::NativeConfig::new(state.path())
     };
     soulbox_native::NativeTier::new(config).expect("a second tier");
@@ -421,7 +422,8 @@ async fn cpu_quota_obeyed_and_violated() {
     let state = tempfile::tempdir().expect("tempdir");
     let config = soulbox_native::NativeConfig {
         cpu_quota_us: 20_000,
-        pool_size: 0,
+        pool_min: 0,
+        pool_max: 0,
         ..soulbox_native::NativeConfig::new(state.path())
     };
     let tier = soulbox_native::NativeTier::new(config).expect("a tier");
@@ -467,4 +469,73 @@ async fn a_paused_sandbox_stops_and_resumes_where_it_was() {
     dispatcher.close(&sandbox).await;
     assert!(began.elapsed() < Duration::from_secs(2), "{:?}", began.elapsed());
     assert!(!cgroup.exists(), "{} survived", cgroup.display());
+}
+
+/// Waits up to `patience` for `condition`; whether it came true.
+async fn eventually(patience: Duration, condition: impl Fn() -> bool) -> bool {
+    let began = Instant::now();
+    while !condition() {
+        if began.elapsed() > patience {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// A tier of its own, with `config` changed by `configure`.
+fn own_tier(
+    state: &std::path::Path,
+    configure: impl FnOnce(&mut soulbox_native::NativeConfig),
+) -> std::sync::Arc<soulbox_native::NativeTier> {
+    let mut config = soulbox_native::NativeConfig::new(state);
+    configure(&mut config);
+    std::sync::Arc::new(soulbox_native::NativeTier::new(config).expect("a tier"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_grows_with_demand_and_shrinks_back_when_idle() {
+    if native_backend().is_none() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let tier = own_tier(state.path(), |config| {
+        config.pool_min = 1;
+        config.pool_max = 6;
+    });
+    tier.warm();
+    assert!(eventually(Duration::from_secs(10), || tier.pooled() == 1).await, "filled to 1");
+    // A burst of starts: the demand rises, and with it the target and the pool.
+    let workspace = tempfile::tempdir().expect("tempdir");
+    for _ in 0..20 {
+        let sandbox = tier.start_sandbox(workspace.path(), 256 << 20).await.expect("a sandbox");
+        sandbox.destroy().await.expect("destroyed");
+    }
+    let stats = tier.pool_stats();
+    assert_eq!(stats.hits + stats.misses, 20, "{stats:?}");
+    assert!(stats.hits >= 1 && stats.target >= 4, "{stats:?}");
+    assert!(eventually(Duration::from_secs(10), || tier.pooled() >= 4).await, "{stats:?}");
+    // Idle, the demand decays and the pool gives back what it no longer needs.
+    let shrunk = eventually(Duration::from_secs(20), || tier.pooled() == 1).await;
+    assert!(shrunk, "back to the minimum: {:?}", tier.pool_stats());
+}
+
+#[tokio::test]
+async fn the_pool_leaves_memory_to_running_sandboxes() {
+    if native_backend().is_none() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let tier = own_tier(state.path(), |config| {
+        config.pool_min = 2;
+        config.pool_min_free_memory_bytes = u64::MAX;
+    });
+    tier.warm();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(tier.pooled(), 0, "no host has that much memory free: the pool waits");
+    // Sandboxes still start (prepared on demand).
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let sandbox = tier.start_sandbox(workspace.path(), 256 << 20).await.expect("a sandbox");
+    sandbox.destroy().await.expect("destroyed");
+    assert_eq!((tier.pool_stats().hits, tier.pool_stats().misses), (0, 1));
 }

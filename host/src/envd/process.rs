@@ -237,7 +237,21 @@ async fn start(
         Err(error) => return stream_error(error),
     };
     let terminal = request.terminal.is_some();
+    // A place among the executions while the process starts (what it runs afterwards is
+    // held by its sandbox's own limits).
+    let place = match app.admission().execution(&live.record.team).await {
+        Ok(place) => place,
+        Err(refusal) => {
+            let code = if refusal.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                Code::ResourceExhausted
+            } else {
+                Code::Unavailable
+            };
+            return stream_error(ConnectError::new(code, refusal.message));
+        }
+    };
     let started = live.processes.start(app.dispatcher(), &live.sandbox, request).await;
+    drop(place);
     let (pid, follower) = match started {
         Ok(started) => started,
         Err(error) => return stream_error(process_error(error)),

@@ -190,6 +190,12 @@ struct ServeArgs {
     /// available, in MiB (default: 256 MiB or a twentieth of the host's memory, if more).
     #[arg(long, env = "SOULBOX_MIN_FREE_MEMORY_MIB", value_name = "MIB")]
     min_free_memory_mib: Option<u64>,
+    /// Connections open at once; past it, new ones wait until one ends.
+    #[arg(long, env = "SOULBOX_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// How long a client may take to send a request's headers (or keep an idle connection).
+    #[arg(long, env = "SOULBOX_HEADER_TIMEOUT", default_value = "30s", value_name = "DURATION")]
+    header_timeout: humantime::Duration,
 }
 
 impl ServeArgs {
@@ -531,6 +537,19 @@ fn bootstrap_keys(keys: &crate::auth::Keys, admin_key: Option<&str>) -> anyhow::
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard one: every connection and every native
+/// sandbox holds descriptors, and the usual soft limit (1024) is far below what a server of
+/// thousands of sandboxes needs.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(%error, soft, hard, "could not raise the open files limit");
+    }
+}
+
 async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let app = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks_url) {
         (Some(issuer), Some(audience), Some(jwks_url)) => {
@@ -577,7 +596,12 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(reason) => tracing::warn!(tier = %status.tier, %reason, "tier unavailable"),
         }
     }
+    raise_open_files_limit();
+    let limits = crate::server::ConnectionLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_timeout.into(),
+    };
     tracing::info!(address = %args.listen, data_dir = %app.data_dir().display(), "soulbox is serving");
-    crate::server::serve(listener, app).await?;
+    crate::server::serve_with(listener, app, limits).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -56,9 +56,46 @@ pub fn router(app: App) -> Router {
         .merge(authenticated)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(app)
-        // Outermost: a sandbox's traffic never reaches the control plane's routes (it is
-        // authorised by the sandbox's access token).
+        // A sandbox's traffic never reaches the control plane's routes (it is authorised by
+        // the sandbox's access token).
         .layer(axum::middleware::from_fn_with_state(data_plane, crate::envd::route))
+        // Outermost: every request in a span of its own.
+        .layer(axum::middleware::from_fn(trace_request))
+}
+
+/// Requests slower than this (to their answer's head) are logged at `info`.
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs a request in a `request` span (method, path, sandbox; then status and latency), the
+/// parent of the spans of the executions it starts, so one slow request can be followed from
+/// the API through the dispatch into its tier (`SOULBOX_LOG=soulbox=debug` shows them).
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let sandbox = request
+        .headers()
+        .get("e2b-sandbox-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        sandbox = %sandbox,
+        status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    );
+    let began = std::time::Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let latency = began.elapsed();
+    span.record("status", response.status().as_u16());
+    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+    if latency >= SLOW_REQUEST {
+        tracing::info!(parent: &span, ?latency, "slow request");
+    } else {
+        tracing::debug!(parent: &span, ?latency, "answered");
+    }
+    response
 }
 
 /// The role a request needs: reading needs a viewer, key management an admin, everything
@@ -776,20 +813,90 @@ fn event_line(tier: soulbox_runtime::Tier, event: &ExecEvent) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// Serves the API on `listener` until Ctrl-C.
+/// Bounds on the server's connections, so that a client that opens many, or sends its
+/// request slowly, cannot take the server's descriptors or memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; past it, new ones wait in the kernel's accept queue until
+    /// one ends.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and a kept-alive connection
+    /// may wait for its next request.
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_connections: 4096, header_read_timeout: std::time::Duration::from_secs(30) }
+    }
+}
+
+/// How long requests in flight may finish after Ctrl-C.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the API on `listener` until Ctrl-C, with the default [`ConnectionLimits`].
 pub async fn serve(listener: tokio::net::TcpListener, app: App) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Streamed answers (process output, cells) are many small writes: with Nagle's algorithm
-    // each would wait for the client's delayed ACK, about 40 ms.
-    let listener = listener.tap_io(|stream| {
+    serve_with(listener, app, ConnectionLimits::default()).await
+}
+
+/// Serves the API on `listener` until Ctrl-C, within `limits`: HTTP/1.1 with upgrades (the
+/// web terminal's WebSocket), each request carrying its peer's address (`ConnectInfo`).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: App,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    use std::sync::Arc;
+    use tower::ServiceExt;
+    let router = router(app);
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let shutdown = tokio::signal::ctrl_c();
+    tokio::pin!(shutdown);
+    loop {
+        let place = tokio::select! {
+            place = Arc::clone(&places).acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, say: wait a moment rather than spin.
+                    tracing::warn!(%error, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Streamed answers (process output, cells) are many small writes: with Nagle's
+        // algorithm each would wait for the client's delayed ACK, about 40 ms.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::warn!(%error, "could not set TCP_NODELAY");
         }
-    });
-    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+        let router = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                router.clone().oneshot(request)
+            },
+        );
+        let connection =
+            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection");
+            }
+            drop(place);
+        });
+    }
+    // Requests in flight may finish, for a while.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, places.acquire_many(all)).await;
+    Ok(())
 }

@@ -329,6 +329,7 @@ impl NativeBackend {
         let native = self.live_sandbox(sandbox, &request.limits).await?;
         native.set_memory_limit(request.limits.memory_bytes)?;
         let startup = began.elapsed();
+        tracing::debug!(?startup, "native sandbox ready");
         let env = Self::environment(sandbox, SandboxUser::User, &request.env);
         let run_began = Instant::now();
         let mut run = Run { native: &native, limits: &request.limits, deadline };

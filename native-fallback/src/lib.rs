@@ -374,6 +374,7 @@ impl NativeTier {
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
         let pooled = self.pool.take();
+        tracing::debug!(from_pool = pooled.is_some(), "starting a native sandbox");
         self.warm();
         self.taken.notify_one();
         match pooled {

@@ -190,6 +190,31 @@ async fn metrics_are_prometheus_text_named_soulbox() {
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");
     }
+    // Every metric the Grafana dashboard in the repository plots is one the server exposes.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/grafana/soulbox.json"),
+    )
+    .expect("the dashboard");
+    let exposed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let plotted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("soulbox_"))
+        .collect();
+    assert!(plotted.len() > 10, "{plotted:?}");
+    for metric in plotted {
+        let family = ["_bucket", "_total"]
+            .iter()
+            .find_map(|suffix| metric.strip_suffix(suffix))
+            .unwrap_or(metric);
+        assert!(
+            exposed.contains(&family),
+            "the dashboard plots {metric}, not exposed: {exposed:?}"
+        );
+    }
     let (status, _, _) = http_request_with("GET", &format!("{base}/metrics"), &[], None).await;
     assert_eq!(status, 401, "metrics need a key too");
 }

@@ -1,5 +1,7 @@
 //! The HTTP API over a real socket.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 /// Starts the API on an ephemeral local port; returns its base URL and its data directory.
@@ -156,4 +158,53 @@ async fn run_takes_a_command_for_the_native_tier() {
     assert_eq!(body["error"]["code"], "invalid_request");
     let (status, body) = post(&url, json!({"command": []})).await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// Sends `bytes` on a new connection to `base`; the connection.
+async fn connect_and_send(base: &str, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connected");
+    stream.write_all(bytes).await.expect("sent");
+    stream
+}
+
+/// Reads what the server sends until it closes the connection, within `patience`.
+async fn read_to_close(stream: &mut tokio::net::TcpStream, patience: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(patience, stream.read_to_end(&mut answer)).await;
+    read.ok().map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn slow_and_excess_connections_are_bounded() {
+    let limits = soulbox_host::server::ConnectionLimits {
+        max_connections: 4,
+        header_read_timeout: Duration::from_millis(500),
+    };
+    let (base, _data, _app) = soulbox_tests::serve_limited(|app| app, limits).await;
+    // A client that sends its headers slowly (slowloris) is cut off at the timeout.
+    let mut slow = connect_and_send(&base, b"GET /health HTTP/1.1\r\nHost: x\r\n").await;
+    let began = std::time::Instant::now();
+    let answer = read_to_close(&mut slow, Duration::from_secs(5)).await;
+    assert!(answer.is_some(), "the server closed the slow connection");
+    assert!(began.elapsed() < Duration::from_secs(2), "{:?}", began.elapsed());
+    // Four connections that send nothing hold every place: a fifth request waits...
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(connect_and_send(&base, b"").await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut waiting = connect_and_send(&base, health).await;
+    let early = read_to_close(&mut waiting, Duration::from_millis(200)).await;
+    assert!(early.is_none(), "served past the connection limit: {early:?}");
+    // ...and is served once one of them ends (here: their header timeout).
+    let answer = read_to_close(&mut waiting, Duration::from_secs(5)).await.expect("served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(idle);
+    // The server stands.
+    let (status, _) = request("GET", &format!("{base}/health"), None).await;
+    assert_eq!(status, 200);
 }

@@ -168,6 +168,14 @@ pub async fn serve_app() -> (String, tempfile::TempDir, soulbox_host::app::App) 
 pub async fn serve_configured(
     configure: impl FnOnce(soulbox_host::app::App) -> soulbox_host::app::App,
 ) -> (String, tempfile::TempDir, soulbox_host::app::App) {
+    serve_limited(configure, soulbox_host::server::ConnectionLimits::default()).await
+}
+
+/// [`serve_configured`] within connection `limits`.
+pub async fn serve_limited(
+    configure: impl FnOnce(soulbox_host::app::App) -> soulbox_host::app::App,
+    limits: soulbox_host::server::ConnectionLimits,
+) -> (String, tempfile::TempDir, soulbox_host::app::App) {
     // The packs come from the shared data directory; the sandboxes live in a fresh one.
     wasm_backend().await;
     let data = tempfile::tempdir().expect("tempdir");
@@ -187,6 +195,6 @@ pub async fn serve_configured(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let address = listener.local_addr().expect("address");
     let served = app.clone();
-    tokio::spawn(async move { soulbox_host::server::serve(listener, served).await });
+    tokio::spawn(async move { soulbox_host::server::serve_with(listener, served, limits).await });
     (format!("http://{address}"), data, app)
 }

@@ -186,6 +186,7 @@ impl WasmBackend {
                 let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
                 let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
                 let spec = &pack.record.spec;
+                tracing::debug!(%language, "starting a kernel");
                 let started = Kernel::start(
                     &pack.image,
                     spec.driver,
@@ -210,6 +211,7 @@ impl WasmBackend {
             }
         };
         let startup = startup_began.elapsed();
+        tracing::debug!(?startup, "running the cell");
         let mut env = sandbox.spec().env.clone();
         env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let run_began = Instant::now();

@@ -61,6 +61,10 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// The reasons of refusals ([`Refusal::reason`]).
+pub const REFUSAL_REASONS: [&str; 5] =
+    ["sandboxes", "team_sandboxes", "executions", "team_executions", "memory"];
+
 /// Why new work was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {

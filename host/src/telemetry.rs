@@ -8,7 +8,7 @@
 //! - `soulbox_executions_total{kind}` (cells, processes, terminals started),
 //!   `soulbox_execution_duration_seconds{tier}` and
 //!   `soulbox_execution_terminations_total{tier,termination}` (how they ended: `exited`,
-//!   `timed_out`, `memory_exceeded` for OOM kills, ..., `failed`), `soulbox_executions_running`.
+//!   `timed_out`, `memory_exceeded` for OOM kills, ..., `failed`), `soulbox_running_executions`.
 //! - `soulbox_admission_refusals_total{reason}`, `soulbox_memory_available_bytes`.
 //! - `soulbox_pool_sandboxes{tier}`, `soulbox_pool_target_sandboxes{tier}`,
 //!   `soulbox_pool_hits_total{tier}`, `soulbox_pool_misses_total{tier}`.
@@ -147,7 +147,7 @@ impl Default for Telemetry {
         );
         let executions_running = Gauge::default();
         registry.register(
-            "executions_running",
+            "running_executions",
             "Executions holding a place in admission control now",
             executions_running.clone(),
         );
@@ -313,11 +313,11 @@ impl Telemetry {
         }
         let admission = app.admission();
         self.executions_running.set(gauge_value(admission.executions_running()));
-        for (reason, total) in admission.refusals() {
-            counter_to(
-                &self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() }),
-                total,
-            );
+        // Every reason, zero included, so that rates are defined from the start.
+        let refusals = admission.refusals();
+        for reason in crate::admission::REFUSAL_REASONS {
+            let counter = self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() });
+            counter_to(&counter, refusals.get(reason).copied().unwrap_or(0));
         }
         self.memory_available.set(gauge_value(soulbox_runtime::host_memory::available_bytes()));
         #[cfg(feature = "native")]

@@ -136,10 +136,23 @@ async fn bad_requests_get_e2b_errors_and_create_nothing() {
 #[tokio::test]
 async fn metrics_are_prometheus_text_named_soulbox() {
     let (base, _data) = serve().await;
-    let (status, _, _) =
+    let (status, created, _) =
         call("POST", &format!("{base}/v2/sandboxes"), Some(json!({"templateID": "base"}))).await;
     assert_eq!(status, 201);
-    // A cell that ends, and one stopped at its time limit: both counted, by how they ended.
+    // A cell in the sandbox (its team's load by tier), one in a sandbox of its own, and one
+    // stopped at its time limit: each counted, by how it ended.
+    let id = created["sandboxID"].as_str().expect("an id");
+    let token = created["envdAccessToken"].as_str().expect("a token");
+    let headers = [
+        ("e2b-sandbox-id", id),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token),
+        ("content-type", "application/json"),
+    ];
+    let cell = serde_json::to_vec(&json!({"code": "1 + 1"})).expect("json");
+    let (status, _, _) =
+        http_request_with("POST", &format!("{base}/execute"), &headers, Some(cell)).await;
+    assert_eq!(status, 200);
     let run = format!("{base}/v1/run");
     for (code, timeout_ms) in [("1 + 1", 10_000), ("while True: pass", 200)] {
         let body =
@@ -182,10 +195,13 @@ async fn metrics_are_prometheus_text_named_soulbox() {
         r#"soulbox_pool_target_sandboxes{tier="native"} "#,
         r#"soulbox_pool_misses_total{tier="native"} "#,
         r#"soulbox_api_responses_total{class="2xx"}"#,
-        r#"soulbox_execution_terminations_total{tier="wasm",termination="exited"} 1"#,
+        r#"soulbox_execution_terminations_total{tier="wasm",termination="exited"} 2"#,
         r#"soulbox_execution_terminations_total{tier="wasm",termination="timed_out"} 1"#,
-        r#"soulbox_execution_duration_seconds_count{tier="wasm"} 2"#,
-        "soulbox_executions_running 0",
+        r#"soulbox_execution_duration_seconds_count{tier="wasm"} 3"#,
+        r#"soulbox_executions_total{kind="cell"} 1"#,
+        r#"soulbox_tier_sandboxes{team="default",tier="wasm"} 1"#,
+        r#"soulbox_admission_refusals_total{reason="memory"} 0"#,
+        "soulbox_running_executions 0",
         "soulbox_memory_available_bytes ",
     ] {
         assert!(text.contains(expected), "{expected} in:\n{text}");

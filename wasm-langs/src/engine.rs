@@ -21,7 +21,7 @@ use crate::WasmError;
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Instances (kernels and plugin runs) that can be alive at once in one process, by default.
-pub const DEFAULT_MAX_INSTANCES: u32 = 256;
+pub const DEFAULT_MAX_INSTANCES: u32 = 2048;
 
 /// The largest linear memory a guest may grow to; limits per execution are lower.
 const MAX_LINEAR_MEMORY_BYTES: usize = 4 << 30;

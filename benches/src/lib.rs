@@ -25,3 +25,24 @@ pub fn resident_bytes() -> u64 {
 pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
+
+/// The resident set size in bytes of process `pid`, from `/proc/<pid>/status`; `None` when it
+/// cannot be read (the process is gone, or this is not Linux).
+pub fn resident_bytes_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+/// A duration in milliseconds, as a float (for JSON reports).
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A byte count in mebibytes, as a float (for reports).
+pub fn mebibytes(bytes: f64) -> f64 {
+    bytes / (1024.0 * 1024.0)
+}

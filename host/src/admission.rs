@@ -62,8 +62,8 @@ impl Default for AdmissionConfig {
 }
 
 /// The reasons of refusals ([`Refusal::reason`]).
-pub const REFUSAL_REASONS: [&str; 5] =
-    ["sandboxes", "team_sandboxes", "executions", "team_executions", "memory"];
+pub const REFUSAL_REASONS: [&str; 6] =
+    ["sandboxes", "team_sandboxes", "executions", "team_executions", "memory", "kernels"];
 
 /// Why new work was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +74,7 @@ pub struct Refusal {
     pub message: String,
     /// When to try again.
     pub retry_after: Duration,
-    /// For the metrics: `sandboxes`, `team_sandboxes`, `executions`, `team_executions`,
-    /// `memory`.
+    /// For the metrics: one of [`REFUSAL_REASONS`].
     pub reason: &'static str,
 }
 
@@ -172,6 +171,22 @@ impl Admission {
             retry_after: Duration::from_secs(5),
             reason: "memory",
         }))
+    }
+
+    /// Refuses work that needs a new WASM kernel when `live` kernels fill the engine's `max`
+    /// slots.
+    pub fn check_kernels(&self, live: usize, max: usize) -> Result<(), Refusal> {
+        if live < max {
+            return Ok(());
+        }
+        Err(self.refuse(Refusal::limit(
+            "kernels",
+            format!(
+                "the server holds {live} live WASM kernels, its limit; try again when some \
+                 sandboxes have ended, or kill those you no longer need"
+            ),
+            Duration::from_secs(5),
+        )))
     }
 
     /// Makes a sandbox with `create` if the server's and `team`'s limits allow one more

@@ -4,9 +4,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
-#[cfg(feature = "native")]
-use soulbox_runtime::SandboxId;
-use soulbox_runtime::{Dispatcher, Sandbox, SandboxManager, SandboxSpec, Tier};
+use soulbox_runtime::{Dispatcher, Sandbox, SandboxId, SandboxManager, SandboxSpec, Tier};
+
+/// WASM kernels (and plugin runs) alive at once, by default.
+#[cfg(feature = "wasm")]
+pub const DEFAULT_MAX_KERNELS: u32 = soulbox_wasm::DEFAULT_MAX_INSTANCES;
+/// WASM kernels alive at once: none without the WASM tier.
+#[cfg(not(feature = "wasm"))]
+pub const DEFAULT_MAX_KERNELS: u32 = 0;
 
 /// How often expired sandboxes are looked for.
 const REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -71,12 +76,19 @@ pub fn default_data_dir() -> PathBuf {
 impl App {
     /// Opens the data directory and builds the tiers.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::open_with(data_dir, DEFAULT_MAX_KERNELS)
+    }
+
+    /// [`App::open`], with room for `max_kernels` WASM kernels (and plugin runs) at once.
+    pub fn open_with(data_dir: &Path, max_kernels: u32) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create the data directory {}: {e}", data_dir.display())
         })?;
         let mut tiers = Vec::new();
         #[cfg(feature = "wasm")]
-        let wasm = Arc::new(soulbox_wasm::WasmBackend::builder(data_dir).build()?);
+        let wasm = Arc::new(
+            soulbox_wasm::WasmBackend::builder(data_dir).max_instances(max_kernels).build()?,
+        );
         let telemetry = Arc::new(crate::telemetry::Telemetry::default());
         let dispatcher = Dispatcher::new().with_observer(telemetry.clone());
         #[cfg(feature = "wasm")]
@@ -286,6 +298,26 @@ impl App {
     #[cfg(feature = "wasm")]
     pub fn wasm(&self) -> &Arc<soulbox_wasm::WasmBackend> {
         &self.wasm
+    }
+
+    /// Refuses (429) a cell in `language` that would need a new WASM kernel when every kernel
+    /// slot is taken; `sandbox` and `context` name a kernel the cell may already have.
+    pub fn check_kernel_room(
+        &self,
+        language: &soulbox_runtime::Language,
+        sandbox: Option<(&SandboxId, Option<&str>)>,
+    ) -> Result<(), crate::admission::Refusal> {
+        #[cfg(feature = "wasm")]
+        {
+            let wasm = self.wasm();
+            let has_kernel = sandbox
+                .is_some_and(|(sandbox, context)| wasm.has_kernel(sandbox, language, context));
+            if wasm.pack(language).is_some() && !has_kernel {
+                let (live, max) = wasm.kernels();
+                return self.admission.check_kernels(live, max);
+            }
+        }
+        Ok(())
     }
 
     /// A new sandbox for one execution; remove it with [`App::discard`]. Where the native

@@ -190,6 +190,10 @@ struct ServeArgs {
     /// available, in MiB (default: 256 MiB or a twentieth of the host's memory, if more).
     #[arg(long, env = "SOULBOX_MIN_FREE_MEMORY_MIB", value_name = "MIB")]
     min_free_memory_mib: Option<u64>,
+    /// WASM kernels alive at once (each live sandbox holds one per language it ran); cells
+    /// that need one more are refused with 429.
+    #[arg(long, env = "SOULBOX_MAX_KERNELS", default_value_t = crate::app::DEFAULT_MAX_KERNELS)]
+    max_kernels: u32,
     /// Connections open at once; past it, new ones wait until one ends.
     #[arg(long, env = "SOULBOX_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
@@ -250,7 +254,10 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Langs(LangsCommand::Install { languages }) => install(&open()?, &languages).await,
         Command::Langs(LangsCommand::List { json }) => list(&open()?, json),
         Command::Run(args) => run(&open()?, args).await,
-        Command::Serve(args) => serve(open()?.with_manager(&data_dir)?, args).await,
+        Command::Serve(args) => {
+            let app = App::open_with(&data_dir, args.max_kernels)?.with_manager(&data_dir)?;
+            serve(app, args).await
+        }
         Command::Auth(command) => Ok(crate::remote::auth(command).await),
         Command::Keys(command) => Ok(crate::remote::keys(command).await),
         Command::Audit(args) => Ok(crate::remote::audit(args).await),

@@ -381,10 +381,22 @@ async fn create(
     let began = std::time::Instant::now();
     let template = create.template.clone();
     let team = create.team.clone();
-    let created = check_quota(&app, &create).and_then(|live_quota| {
-        let live = |team: Option<&str>| manager.count_live(team);
-        app.admission().admit_sandbox(&team, live_quota, live, || Ok(manager.create(create)?))
+    // A template whose cells run in the WASM tier needs a kernel slot for its first cell.
+    let first_language = match create.template.as_str() {
+        "python" | "code-interpreter-v1" => Some("python"),
+        "javascript" => Some("javascript"),
+        "ruby" => Some("ruby"),
+        _ => None,
+    };
+    let room = first_language.map_or(Ok(()), |language| {
+        app.check_kernel_room(&soulbox_runtime::Language::parse(language), None)
     });
+    let created = room.map_err(E2bError::from).and_then(|()| check_quota(&app, &create)).and_then(
+        |live_quota| {
+            let live = |team: Option<&str>| manager.count_live(team);
+            app.admission().admit_sandbox(&team, live_quota, live, || Ok(manager.create(create)?))
+        },
+    );
     let outcome = match &created {
         Ok(_) => "created",
         Err(e) if e.status.is_client_error() => "refused",

@@ -157,6 +157,10 @@ async fn execute(
     if let Err(refusal) = runnable(&app, &language) {
         return refusal.into_response();
     }
+    let kernel = Some((&live.record.id, request.context_id.as_deref()));
+    if let Err(refusal) = app.check_kernel_room(&Language::parse(&language), kernel) {
+        return crate::e2b::E2bError::from(refusal).into_response();
+    }
     let count = {
         let mut contexts = app.contexts().lock();
         let executions = &mut contexts.entry(sandbox_id).or_default().executions;

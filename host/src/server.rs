@@ -716,6 +716,11 @@ async fn run(
         tier: request.tier,
         context: None,
     };
+    if let soulbox_runtime::ExecKind::Cell { language, .. } = &exec.kind
+        && exec.tier != TierPreference::Native
+    {
+        app.check_kernel_room(language, None)?;
+    }
     let place = app.admission().execution(&principal.team).await?;
     let sandbox = app.ephemeral_sandbox(SandboxSpec::default()).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_failed", e.to_string())

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use soulbox_host::admission::AdmissionConfig;
 use soulbox_host::auth::Role;
-use soulbox_tests::{TEST_API_KEY, http_request_with, serve_configured};
+use soulbox_tests::{ServerSetup, TEST_API_KEY, http_request_with, serve_configured, serve_setup};
 
 /// Small limits, to pass them with a few requests.
 fn small_limits() -> AdmissionConfig {
@@ -177,4 +177,69 @@ async fn sandboxes_that_spin_do_not_starve_the_api() {
     for spinner in spinners {
         assert_eq!(spinner.await.expect("joined"), 200, "each spinner ran to its time limit");
     }
+}
+
+/// A cell in sandbox `id` through the code interpreter: the status and the answer's text.
+async fn cell(base: &str, id: &str, token: &str, code: &str) -> (u16, Option<u64>, String) {
+    let headers = [
+        ("e2b-sandbox-id", id),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token),
+        ("content-type", "application/json"),
+    ];
+    let body = serde_json::to_vec(&json!({"code": code, "language": "javascript"})).expect("json");
+    let (status, headers, bytes) =
+        http_request_with("POST", &format!("{base}/execute"), &headers, Some(body)).await;
+    let retry_after =
+        headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    (status, retry_after, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn cells_that_need_a_kernel_past_the_slots_get_429() {
+    let setup = ServerSetup { max_kernels: Some(3), ..ServerSetup::default() };
+    let (base, _data, _app) = serve_setup(|app| app, setup).await;
+    let create = |template: &'static str| {
+        let base = base.clone();
+        async move {
+            let body = json!({"templateID": template});
+            call(&base, TEST_API_KEY, "POST", "/v2/sandboxes", Some(body)).await
+        }
+    };
+    // Three sandboxes with a live JavaScript kernel each fill the slots.
+    let mut sandboxes = Vec::new();
+    for _ in 0..3 {
+        let (status, _, created) = create("javascript").await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["sandboxID"].as_str().expect("an id").to_owned();
+        let token = created["envdAccessToken"].as_str().expect("a token").to_owned();
+        let (status, _, answer) = cell(&base, &id, &token, "1 + 1").await;
+        assert!(status == 200 && answer.contains(r#""text":"2""#), "{answer}");
+        sandboxes.push((id, token));
+    }
+    // A fourth sandbox of a WASM template is refused at once; a `base` one is made, but its
+    // first cell, and a one-off run, are refused.
+    let (status, retry_after, answer) = create("javascript").await;
+    assert_eq!((status, retry_after), (429, Some(5)), "{answer}");
+    assert!(answer["message"].as_str().is_some_and(|m| m.contains("3 live WASM kernels")));
+    let (status, _, created) = create("base").await;
+    assert_eq!(status, 201, "{created}");
+    let (id, token) = (
+        created["sandboxID"].as_str().expect("id"),
+        created["envdAccessToken"].as_str().expect("token"),
+    );
+    let (status, retry_after, answer) = cell(&base, id, token, "1 + 1").await;
+    assert_eq!((status, retry_after), (429, Some(5)), "{answer}");
+    let run = json!({"language": "javascript", "code": "1"});
+    let (status, _, answer) = call(&base, TEST_API_KEY, "POST", "/v1/run", Some(run)).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("too_many_requests")));
+    // Sandboxes that have their kernel go on; a kill gives its kernel's slot back.
+    let (first, first_token) = &sandboxes[0];
+    let (status, _, answer) = cell(&base, first, first_token, "40 + 2").await;
+    assert!(status == 200 && answer.contains(r#""text":"42""#), "{answer}");
+    let (status, _, _) =
+        call(&base, TEST_API_KEY, "DELETE", &format!("/sandboxes/{first}"), None).await;
+    assert_eq!(status, 204);
+    let (status, _, answer) = cell(&base, id, token, "6 * 7").await;
+    assert!(status == 200 && answer.contains(r#""text":"42""#), "{answer}");
 }

@@ -183,7 +183,8 @@ async fn slow_and_excess_connections_are_bounded() {
         max_connections: 4,
         header_read_timeout: Duration::from_millis(500),
     };
-    let (base, _data, _app) = soulbox_tests::serve_limited(|app| app, limits).await;
+    let setup = soulbox_tests::ServerSetup { limits, ..Default::default() };
+    let (base, _data, _app) = soulbox_tests::serve_setup(|app| app, setup).await;
     // A client that sends its headers slowly (slowloris) is cut off at the timeout.
     let mut slow = connect_and_send(&base, b"GET /health HTTP/1.1\r\nHost: x\r\n").await;
     let began = std::time::Instant::now();

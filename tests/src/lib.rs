@@ -168,18 +168,29 @@ pub async fn serve_app() -> (String, tempfile::TempDir, soulbox_host::app::App) 
 pub async fn serve_configured(
     configure: impl FnOnce(soulbox_host::app::App) -> soulbox_host::app::App,
 ) -> (String, tempfile::TempDir, soulbox_host::app::App) {
-    serve_limited(configure, soulbox_host::server::ConnectionLimits::default()).await
+    serve_setup(configure, ServerSetup::default()).await
 }
 
-/// [`serve_configured`] within connection `limits`.
-pub async fn serve_limited(
+/// How a test server differs from the default one.
+#[derive(Debug, Default)]
+pub struct ServerSetup {
+    /// Its connection limits.
+    pub limits: soulbox_host::server::ConnectionLimits,
+    /// Its WASM kernel slots (the default when `None`).
+    pub max_kernels: Option<u32>,
+}
+
+/// [`serve_configured`] set up as `setup` says.
+pub async fn serve_setup(
     configure: impl FnOnce(soulbox_host::app::App) -> soulbox_host::app::App,
-    limits: soulbox_host::server::ConnectionLimits,
+    setup: ServerSetup,
 ) -> (String, tempfile::TempDir, soulbox_host::app::App) {
     // The packs come from the shared data directory; the sandboxes live in a fresh one.
     wasm_backend().await;
     let data = tempfile::tempdir().expect("tempdir");
-    let app = soulbox_host::app::App::open(&test_data_dir())
+    let max_kernels = setup.max_kernels.unwrap_or(soulbox_host::app::DEFAULT_MAX_KERNELS);
+    let limits = setup.limits;
+    let app = soulbox_host::app::App::open_with(&test_data_dir(), max_kernels)
         .expect("app")
         .with_manager(data.path())
         .expect("manager");

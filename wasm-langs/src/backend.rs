@@ -41,6 +41,9 @@ pub struct WasmBackend {
     /// The time each sandbox's cells have run (on the server's threads, each cell on one).
     cell_time: Mutex<HashMap<SandboxId, Duration>>,
     next_kernel: AtomicU64,
+    /// Kernels alive now, and how many the engine's pool can hold.
+    live_kernels: Arc<std::sync::atomic::AtomicUsize>,
+    max_kernels: usize,
 }
 
 /// Builds a [`WasmBackend`].
@@ -69,6 +72,8 @@ impl WasmBackendBuilder {
             memory: Mutex::default(),
             cell_time: Mutex::default(),
             next_kernel: AtomicU64::new(0),
+            live_kernels: Arc::default(),
+            max_kernels: usize::try_from(self.settings.max_instances).unwrap_or(usize::MAX),
         };
         for record in pack::installed_packs(&backend.data_dir) {
             backend.load(record)?;
@@ -91,6 +96,24 @@ impl WasmBackend {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Kernels alive now, and the most that can be (the engine's instance slots, which plugin
+    /// runs share).
+    pub fn kernels(&self) -> (usize, usize) {
+        (self.live_kernels.load(Ordering::Relaxed), self.max_kernels)
+    }
+
+    /// Whether sandbox `sandbox` has had a kernel for `language` in `context` (its next cell
+    /// needs no new slot, unless a limit ended that kernel).
+    pub fn has_kernel(
+        &self,
+        sandbox: &SandboxId,
+        language: &Language,
+        context: Option<&str>,
+    ) -> bool {
+        let key = (sandbox.clone(), language.clone(), context.map(str::to_owned));
+        self.kernels.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key)
     }
 
     /// A loaded pack.
@@ -197,7 +220,8 @@ impl WasmBackend {
                 )
                 .await?;
                 match started {
-                    Ok(kernel) => {
+                    Ok(mut kernel) => {
+                        kernel.count_in(&self.live_kernels);
                         let key = (sandbox.id().clone(), language.clone(), request.context.clone());
                         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
                         memory.insert(key, kernel.memory_gauge());

@@ -83,7 +83,10 @@ impl WasmEngine {
             .table_elements(MAX_TABLE_ELEMENTS)
             .max_core_instance_size(MAX_CORE_INSTANCE_SIZE)
             .max_unused_warm_slots(32)
-            .linear_memory_keep_resident(1 << 20)
+            // What a freed slot keeps resident (reset by memset rather than returned to the
+            // kernel) stays resident for good once the slot was used: with thousands of
+            // slots, 1 MiB each kept a server at 1 GB after a soak of 2000 sandboxes.
+            .linear_memory_keep_resident(128 << 10)
             .table_keep_resident(1 << 16);
         let mut config = Config::new();
         config

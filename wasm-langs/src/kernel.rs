@@ -170,6 +170,25 @@ pub(crate) struct Kernel {
     output: CellOutput,
     scratch: Option<ScratchDir>,
     cells_run: u64,
+    /// Counts it among the live kernels of its backend while it exists.
+    counted: Option<Counted>,
+}
+
+/// One among a count of live things, for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    pub(crate) fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A kernel's private scratch directory (its `/`), with a capability handle for the host's
@@ -204,6 +223,11 @@ pub(crate) struct CellEnd {
 }
 
 impl Kernel {
+    /// Counts it in `count` while it lives.
+    pub(crate) fn count_in(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
+        self.counted = Some(Counted::new(count));
+    }
+
     /// The size of its memory, readable while it runs.
     pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
         self.store.data().limiter.size_gauge()
@@ -249,7 +273,16 @@ impl Kernel {
         let state = driver.attach(&mut store, &instance).await.map_err(|e| {
             WasmError::Sandbox(format!("attaching to the {driver:?} kernel: {e:#}"))
         })?;
-        Ok(Ok(Self { store, instance, driver, state, output, scratch, cells_run: 0 }))
+        Ok(Ok(Self {
+            store,
+            instance,
+            driver,
+            state,
+            output,
+            scratch,
+            cells_run: 0,
+            counted: None,
+        }))
     }
 
     /// Runs one cell under `limits`, streaming its output and results to `events`.

@@ -522,10 +522,11 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
+/// A request for a token (`POST /v1/tokens`, and a terminal's): how long it should live.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct NewToken {
-    ttl_secs: Option<u64>,
+pub(crate) struct NewToken {
+    pub(crate) ttl_secs: Option<u64>,
 }
 
 /// `POST /v1/tokens`: a session token (a JWT) for the calling key, for a browser or a

@@ -79,12 +79,6 @@ pub(crate) fn open_routes() -> Router<App> {
         .route("/v1/sandboxes/{id}/terminal", get(open))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct NewTerminalToken {
-    ttl_secs: Option<u64>,
-}
-
 /// `POST /v1/sandboxes/{id}/terminal/token`.
 async fn issue_token(
     State(app): State<App>,
@@ -93,7 +87,7 @@ async fn issue_token(
     body: Bytes,
 ) -> Result<Response, Response> {
     let bytes: &[u8] = if body.is_empty() { b"{}" } else { &body };
-    let request: NewTerminalToken = serde_json::from_slice(bytes).map_err(|e| {
+    let request: crate::server::NewToken = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()).into_response()
     })?;
     crate::e2b::owned(&app, &principal, &id).map_err(IntoResponse::into_response)?;

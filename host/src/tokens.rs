@@ -78,32 +78,24 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
-/// The claims of a session token.
+/// The claims of the server's own tokens: session tokens, and terminal tokens (which add an
+/// audience and their sandbox).
 #[derive(Debug, Serialize, Deserialize)]
-struct SessionClaims {
+struct Claims {
     iss: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
     sub: String,
     team: String,
     role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sandbox: Option<String>,
     iat: u64,
     exp: u64,
 }
 
 /// The audience of terminal tokens (session tokens carry none).
 const TERMINAL_AUDIENCE: &str = "soulbox-terminal";
-
-/// The claims of a terminal token.
-#[derive(Debug, Serialize, Deserialize)]
-struct TerminalClaims {
-    iss: String,
-    aud: String,
-    sub: String,
-    team: String,
-    role: Role,
-    sandbox: String,
-    iat: u64,
-    exp: u64,
-}
 
 /// The claims SoulBox reads from an OpenID Connect issuer's token.
 #[derive(Debug, Deserialize)]
@@ -223,13 +215,26 @@ impl Tokens {
 
     /// A session token for `principal`, living `ttl` (at most [`MAX_TOKEN_TTL`]).
     pub fn issue(&self, principal: &Principal, ttl: Duration) -> Result<(String, u64), TokenError> {
+        self.sign(principal, None, ttl)
+    }
+
+    /// A token for `principal` (a terminal token when `sandbox_id` is given), living `ttl`
+    /// (at most [`MAX_TOKEN_TTL`]); with its expiry (Unix seconds).
+    fn sign(
+        &self,
+        principal: &Principal,
+        sandbox_id: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(String, u64), TokenError> {
         let iat = now_secs();
         let exp = iat + ttl.min(MAX_TOKEN_TTL).as_secs();
-        let claims = SessionClaims {
+        let claims = Claims {
             iss: ISSUER.to_owned(),
+            aud: sandbox_id.map(|_| TERMINAL_AUDIENCE.to_owned()),
             sub: principal.key_id.clone(),
             team: principal.team.clone(),
             role: principal.role,
+            sandbox: sandbox_id.map(str::to_owned),
             iat,
             exp,
         };
@@ -250,25 +255,7 @@ impl Tokens {
         sandbox_id: &str,
         ttl: Duration,
     ) -> Result<(String, u64), TokenError> {
-        let iat = now_secs();
-        let exp = iat + ttl.min(MAX_TOKEN_TTL).as_secs();
-        let claims = TerminalClaims {
-            iss: ISSUER.to_owned(),
-            aud: TERMINAL_AUDIENCE.to_owned(),
-            sub: principal.key_id.clone(),
-            team: principal.team.clone(),
-            role: principal.role,
-            sandbox: sandbox_id.to_owned(),
-            iat,
-            exp,
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(&self.secret),
-        )
-        .map_err(|e| TokenError::Refused(e.to_string()))?;
-        Ok((token, exp))
+        self.sign(principal, Some(sandbox_id), ttl)
     }
 
     /// Checks a terminal token for sandbox `sandbox_id`: who it was issued to. The key behind
@@ -284,17 +271,17 @@ impl Tokens {
         validation.set_audience(&[TERMINAL_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         validation.leeway = 0;
-        let data = jsonwebtoken::decode::<TerminalClaims>(
+        let data = jsonwebtoken::decode::<Claims>(
             token,
             &DecodingKey::from_secret(&self.secret),
             &validation,
         )
         .map_err(|e| TokenError::Refused(format!("the terminal token is not valid: {e}")))?;
         let claims = data.claims;
-        if claims.sandbox != sandbox_id {
+        if claims.sandbox.as_deref() != Some(sandbox_id) {
             return Err(TokenError::Refused(format!(
                 "the terminal token is for sandbox {}, not {sandbox_id}",
-                claims.sandbox
+                claims.sandbox.unwrap_or_default()
             )));
         }
         if claims.sub.starts_with("oidc:") {
@@ -313,7 +300,7 @@ impl Tokens {
             validation.set_issuer(&[ISSUER]);
             validation.set_required_spec_claims(&["exp", "iss", "sub"]);
             validation.leeway = 0;
-            let data = jsonwebtoken::decode::<SessionClaims>(
+            let data = jsonwebtoken::decode::<Claims>(
                 token,
                 &DecodingKey::from_secret(&self.secret),
                 &validation,

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn soulbox(data_dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_soulbox"))
@@ -936,4 +936,103 @@ fn connect_is_a_terminal_with_resize_ctrl_c_and_reattach() {
     );
     tmux(&socket, &["kill-server"]);
     server.kill();
+}
+
+/// The control groups of server `pid`'s native sandboxes (prepared ones included).
+fn sandbox_cgroups(pid: u32) -> usize {
+    let prefix = format!("{pid}-");
+    ["/sys/fs/cgroup/soulbox", "/sys/fs/cgroup/memory/soulbox"]
+        .iter()
+        .filter_map(|parent| std::fs::read_dir(parent).ok())
+        .flat_map(|entries| entries.filter_map(Result::ok))
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
+/// Waits up to 30 s for `condition`; whether it came true.
+fn eventually(condition: impl Fn() -> bool) -> bool {
+    let began = Instant::now();
+    while !condition() {
+        if began.elapsed() > Duration::from_secs(30) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+#[test]
+fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: native sandboxes need root");
+        return;
+    }
+    // The language packs of the tests' shared data directory (installed there once).
+    tokio::runtime::Runtime::new().expect("tokio").block_on(soulbox_tests::wasm_backend());
+    let data = tempfile::tempdir().expect("a data directory");
+    for shared in ["packs", "cache"] {
+        let from = soulbox_tests::test_data_dir().join(shared);
+        std::os::unix::fs::symlink(&from, data.path().join(shared)).expect("linked");
+    }
+    let server = Server::start(data.path());
+    let pid = server.child.id();
+    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    // One cycle of what the load does: a sandbox, a cell and a command in it, its kill; and a
+    // one-off run of each kind.
+    let cycle = || {
+        let (status, created) = server.json("POST", "/v2/sandboxes", json!({"templateID": "base"}));
+        assert_eq!(status, 201, "{created}");
+        let id = created["sandboxID"].as_str().expect("an id");
+        let token = created["envdAccessToken"].as_str().expect("a token");
+        let cell =
+            serde_json::to_vec(&json!({"code": "1 + 1", "language": "javascript"})).expect("json");
+        let data_plane = |port: &'static str, content_type: &'static str| {
+            [
+                ("E2b-Sandbox-Id", id),
+                ("E2b-Sandbox-Port", port),
+                ("X-Access-Token", token),
+                ("Content-Type", content_type),
+            ]
+        };
+        let (status, answer) =
+            server.call("POST", "/execute", &data_plane("49999", "application/json"), &cell);
+        assert!(status == 200 && text(&answer).contains(r#""text":"2""#), "{}", text(&answer));
+        let start = serde_json::to_vec(&json!({"process": {"cmd": "/bin/true"}})).expect("json");
+        let mut envelope = vec![0u8];
+        envelope.extend_from_slice(&u32::try_from(start.len()).expect("small").to_be_bytes());
+        envelope.extend_from_slice(&start);
+        let (status, answer) = server.call(
+            "POST",
+            "/process.Process/Start",
+            &data_plane("49983", "application/connect+json"),
+            &envelope,
+        );
+        assert!(status == 200 && text(&answer).contains(r#""exited":true"#), "{}", text(&answer));
+        let (status, _) = server.json("DELETE", &format!("/sandboxes/{id}"), Value::Null);
+        assert_eq!(status, 204);
+        for run in [json!({"language": "python", "code": "1"}), json!({"command": ["true"]})] {
+            let (status, answer) = server.json("POST", "/v1/run", run);
+            assert_eq!((status, &answer["exit_code"]), (200, &json!(0)), "{answer}");
+        }
+    };
+    // Warm up (a first use opens what stays open: modules, the store's files), then let the
+    // pool settle at its minimum.
+    cycle();
+    assert!(eventually(|| sandbox_cgroups(pid) == 2), "the pool settles at 2");
+    let before = descriptors();
+    for _ in 0..20 {
+        cycle();
+    }
+    let (_, listed) = server.json("GET", "/v2/sandboxes", Value::Null);
+    assert_eq!(listed, json!([]), "no sandbox is left");
+    assert!(
+        eventually(|| sandbox_cgroups(pid) == 2),
+        "only the pool's control groups are left: {}",
+        sandbox_cgroups(pid)
+    );
+    assert!(
+        eventually(|| descriptors() <= before + 2),
+        "descriptors: {before} before, {} after",
+        descriptors()
+    );
 }

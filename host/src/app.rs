@@ -164,11 +164,21 @@ impl App {
     }
 
     /// Starts preparing what the tiers keep ready (the native tier's pool of prepared
-    /// sandboxes), for a long-running server; a one-shot command does not need it.
+    /// sandboxes, the WASM tier's warm kernels), for a long-running server; a one-shot
+    /// command does not need it.
     pub fn warm(&self) {
         #[cfg(feature = "native")]
         if let Some(native) = &self.native {
             native.tier().warm();
+        }
+        // Warm kernels are made in directories that new sandboxes adopt: a server's only.
+        #[cfg(feature = "wasm")]
+        if let Some(manager) = &self.manager {
+            let root = manager.prepared_root().join("kernels");
+            let config = soulbox_wasm::warm::WarmConfig::default();
+            if let Err(error) = self.wasm.start_warm_pools(root, config) {
+                tracing::warn!(%error, "no warm kernels: new sandboxes start theirs on their first cell");
+            }
         }
     }
 

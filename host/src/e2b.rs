@@ -394,7 +394,9 @@ async fn create(
     let created = room.map_err(E2bError::from).and_then(|()| check_quota(&app, &create)).and_then(
         |live_quota| {
             let live = |team: Option<&str>| manager.count_live(team);
-            app.admission().admit_sandbox(&team, live_quota, live, || Ok(manager.create(create)?))
+            app.admission().admit_sandbox(&team, live_quota, live, || {
+                create_warm(&app, manager, create, first_language)
+            })
         },
     );
     let outcome = match &created {
@@ -404,6 +406,30 @@ async fn create(
     };
     app.telemetry().sandbox_create(&template, outcome, began.elapsed().as_secs_f64());
     Ok(sandbox_answer(StatusCode::CREATED, &created?))
+}
+
+/// Makes the sandbox, with a warm kernel of `language` (its template's first) when one waits:
+/// the sandbox is made in the kernel's directory, and its first cell is a later one.
+fn create_warm(
+    app: &App,
+    manager: &SandboxManager,
+    create: CreateSandbox,
+    language: Option<&str>,
+) -> Result<SandboxRecord, E2bError> {
+    #[cfg(feature = "wasm")]
+    if let Some(warm) =
+        language.and_then(|l| app.wasm().take_warm(&soulbox_runtime::Language::parse(l)))
+    {
+        let record = manager.create_in(create, Some(warm.dir()))?;
+        match manager.running(record.id.as_str()) {
+            Ok(sandbox) => app.wasm().adopt(&sandbox, warm),
+            Err(error) => tracing::warn!(%error, "a new sandbox is gone before its kernel"),
+        }
+        return Ok(record);
+    }
+    #[cfg(not(feature = "wasm"))]
+    let _ = (app, language);
+    Ok(manager.create(create)?)
 }
 
 async fn list(

@@ -10,8 +10,9 @@
 //!   `soulbox_execution_terminations_total{tier,termination}` (how they ended: `exited`,
 //!   `timed_out`, `memory_exceeded` for OOM kills, ..., `failed`), `soulbox_running_executions`.
 //! - `soulbox_admission_refusals_total{reason}`, `soulbox_memory_available_bytes`.
-//! - `soulbox_pool_sandboxes{tier}`, `soulbox_pool_target_sandboxes{tier}`,
-//!   `soulbox_pool_hits_total{tier}`, `soulbox_pool_misses_total{tier}`.
+//! - `soulbox_pool_sandboxes{tier,pool}`, `soulbox_pool_target_sandboxes{tier,pool}`,
+//!   `soulbox_pool_hits_total{tier,pool}`, `soulbox_pool_misses_total{tier,pool}`: the native
+//!   tier's prepared sandboxes (`pool="native"`) and the warm kernels of each language.
 //! - `soulbox_team_cpu_seconds{team,tier}` and `soulbox_team_memory_bytes{team,tier}`: what
 //!   each tenant's live sandboxes have used and hold now.
 //! - `soulbox_api_responses_total{class}`.
@@ -64,6 +65,13 @@ struct TierLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    tier: String,
+    /// `native` (prepared sandboxes), or a language (its warm kernels).
+    pool: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TerminationLabels {
     tier: String,
     termination: String,
@@ -99,10 +107,10 @@ pub struct Telemetry {
     tier_sandboxes: Family<TeamLabels, Gauge>,
     team_cpu_seconds: Family<TeamLabels, FloatGauge>,
     team_memory_bytes: Family<TeamLabels, Gauge>,
-    pool_ready: Family<TierLabels, Gauge>,
-    pool_target: Family<TierLabels, Gauge>,
-    pool_hits: Family<TierLabels, Counter>,
-    pool_misses: Family<TierLabels, Counter>,
+    pool_ready: Family<PoolLabels, Gauge>,
+    pool_target: Family<PoolLabels, Gauge>,
+    pool_hits: Family<PoolLabels, Counter>,
+    pool_misses: Family<PoolLabels, Counter>,
 }
 
 /// Histogram buckets from 0.5 ms to about 16 s.
@@ -185,26 +193,22 @@ impl Default for Telemetry {
             "Memory held by a team's live sandboxes now, by tier",
             team_memory_bytes.clone(),
         );
-        let pool_ready = Family::<TierLabels, Gauge>::default();
+        let pool_ready = Family::<PoolLabels, Gauge>::default();
         registry.register(
             "pool_sandboxes",
-            "Prepared sandboxes waiting in a pool",
+            "Prepared sandboxes or warm kernels waiting in a pool",
             pool_ready.clone(),
         );
-        let pool_target = Family::<TierLabels, Gauge>::default();
+        let pool_target = Family::<PoolLabels, Gauge>::default();
         registry.register(
             "pool_target_sandboxes",
-            "How many prepared sandboxes a pool aims to keep, from recent demand",
+            "How many a pool aims to keep ready, from recent demand",
             pool_target.clone(),
         );
-        let pool_hits = Family::<TierLabels, Counter>::default();
-        registry.register("pool_hits", "Sandbox starts served from a pool", pool_hits.clone());
-        let pool_misses = Family::<TierLabels, Counter>::default();
-        registry.register(
-            "pool_misses",
-            "Sandbox starts that found the pool empty",
-            pool_misses.clone(),
-        );
+        let pool_hits = Family::<PoolLabels, Counter>::default();
+        registry.register("pool_hits", "Takes served from a pool", pool_hits.clone());
+        let pool_misses = Family::<PoolLabels, Counter>::default();
+        registry.register("pool_misses", "Takes that found the pool empty", pool_misses.clone());
         Self {
             registry,
             creates,
@@ -320,13 +324,22 @@ impl Telemetry {
             counter_to(&counter, refusals.get(reason).copied().unwrap_or(0));
         }
         self.memory_available.set(gauge_value(soulbox_runtime::host_memory::available_bytes()));
+        let mut pools = Vec::new();
         #[cfg(feature = "native")]
-        if let Some(pool) = app.native_pool() {
-            let native = TierLabels { tier: Tier::Native.to_string() };
-            self.pool_ready.get_or_create(&native).set(gauge_value(pool.ready));
-            self.pool_target.get_or_create(&native).set(gauge_value(pool.target));
-            counter_to(&self.pool_hits.get_or_create(&native), pool.hits);
-            counter_to(&self.pool_misses.get_or_create(&native), pool.misses);
+        pools.extend(app.native_pool().map(|stats| (Tier::Native, "native".to_owned(), stats)));
+        #[cfg(feature = "wasm")]
+        pools.extend(
+            app.wasm()
+                .warm_stats()
+                .into_iter()
+                .map(|(l, stats)| (Tier::Wasm, l.to_string(), stats)),
+        );
+        for (tier, pool, stats) in pools {
+            let labels = PoolLabels { tier: tier.to_string(), pool };
+            self.pool_ready.get_or_create(&labels).set(gauge_value(stats.ready));
+            self.pool_target.get_or_create(&labels).set(gauge_value(stats.target));
+            counter_to(&self.pool_hits.get_or_create(&labels), stats.hits);
+            counter_to(&self.pool_misses.get_or_create(&labels), stats.misses);
         }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {

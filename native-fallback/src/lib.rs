@@ -118,7 +118,6 @@ use nix::sys::wait::waitpid;
 pub use backend::{NativeBackend, NativeLanguage};
 pub use cgroup::{CgroupError, CgroupLimits, host_version as cgroup_version};
 use pool::Pool;
-pub use pool::PoolStats;
 pub use protocol::ExitStatus;
 use protocol::{BpfInstruction, SetupPlan};
 use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
@@ -132,6 +131,7 @@ pub use sandbox::{
     set_terminal_size,
 };
 use seccomp::{SeccompError, SeccompFilters};
+pub use soulbox_runtime::demand::PoolStats;
 pub use workspace::{DEFAULT_EPHEMERAL_WORKSPACE_BYTES, WorkspaceLimit};
 
 /// The init binary, built by `build.rs`.

@@ -15,6 +15,7 @@
 //! ```
 
 mod backend;
+pub mod demand;
 mod dispatch;
 mod exec;
 pub mod host_memory;

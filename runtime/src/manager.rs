@@ -430,13 +430,32 @@ impl SandboxManager {
 
     /// Creates a running sandbox.
     pub fn create(&self, request: CreateSandbox) -> Result<SandboxRecord, ManagerError> {
+        self.create_in(request, None)
+    }
+
+    /// Where directories prepared for new sandboxes are made: beside the sandboxes, on
+    /// their filesystem (see [`SandboxManager::create_in`]).
+    pub fn prepared_root(&self) -> PathBuf {
+        self.root.with_file_name("prepared")
+    }
+
+    /// [`SandboxManager::create`], in `prepared` (a directory under
+    /// [`SandboxManager::prepared_root`] with `workspace` and `state`) when given.
+    pub fn create_in(
+        &self,
+        request: CreateSandbox,
+        prepared: Option<&Path>,
+    ) -> Result<SandboxRecord, ManagerError> {
         check_timeout(request.timeout)?;
         request.limits.validate()?;
         check_pairs("metadata", &request.metadata, MAX_METADATA_ENTRIES)?;
         check_pairs("environment", &request.env, MAX_ENV_ENTRIES)?;
         let spec =
             SandboxSpec { env: request.env.clone(), limits: request.limits, tier: request.tier };
-        let sandbox = Sandbox::create(&self.root, spec)?;
+        let sandbox = match prepared {
+            Some(prepared) => Sandbox::adopt(&self.root, spec, prepared)?,
+            None => Sandbox::create(&self.root, spec)?,
+        };
         let record = SandboxRecord {
             id: sandbox.id().clone(),
             template: request.template,

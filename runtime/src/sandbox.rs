@@ -92,6 +92,18 @@ impl Sandbox {
         Ok(Self { id, spec, workspace, state_dir })
     }
 
+    /// Creates a sandbox under `root` from `prepared`, a directory of the same filesystem
+    /// holding its `workspace` and `state` (made ahead of time, with a warm kernel bound to
+    /// them): the directory is moved into place, so what holds it open keeps it.
+    pub fn adopt(root: &Path, spec: SandboxSpec, prepared: &Path) -> Result<Self, SandboxDirError> {
+        let id = SandboxId::generate();
+        let base = root.join(id.as_str());
+        std::fs::create_dir_all(root)
+            .and_then(|()| std::fs::rename(prepared, &base))
+            .map_err(|source| SandboxDirError { path: prepared.to_owned(), source })?;
+        Self::open(root, id, spec)
+    }
+
     /// The sandbox `id` whose directories already exist under `root` (after a restart).
     pub fn open(root: &Path, id: SandboxId, spec: SandboxSpec) -> Result<Self, SandboxDirError> {
         let base = root.join(id.as_str());

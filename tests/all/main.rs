@@ -18,3 +18,4 @@ mod native_escape;
 mod packs;
 mod plugin;
 mod terminal;
+mod warm;

@@ -203,6 +203,8 @@ pub async fn serve_setup(
     )
     .expect("the test key");
     let app = configure(app);
+    // As `soulbox serve` does: the pools of prepared sandboxes and warm kernels fill.
+    app.warm();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let address = listener.local_addr().expect("address");
     let served = app.clone();

@@ -18,6 +18,14 @@ use crate::WasmError;
 use crate::engine::{EngineSettings, WasmEngine};
 use crate::kernel::Kernel;
 use crate::pack::{self, InstallProgress, LoadedPack};
+use crate::warm::{self, WarmConfig, WarmKernel, WarmPools};
+use soulbox_runtime::Limits;
+use soulbox_runtime::demand::PoolStats;
+
+/// How often the warm pools are looked after when nothing is taken.
+const WARM_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the warm pools wait after a take before they refill.
+const WARM_REFILL_DELAY: Duration = Duration::from_millis(20);
 
 type KernelSlot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
 
@@ -44,6 +52,9 @@ pub struct WasmBackend {
     /// Kernels alive now, and how many the engine's pool can hold.
     live_kernels: Arc<std::sync::atomic::AtomicUsize>,
     max_kernels: usize,
+    /// Warm kernels, for a server ([`WasmBackend::start_warm_pools`]).
+    warm: std::sync::OnceLock<WarmPools>,
+    warm_taken: Arc<tokio::sync::Notify>,
 }
 
 /// Builds a [`WasmBackend`].
@@ -74,6 +85,8 @@ impl WasmBackendBuilder {
             next_kernel: AtomicU64::new(0),
             live_kernels: Arc::default(),
             max_kernels: usize::try_from(self.settings.max_instances).unwrap_or(usize::MAX),
+            warm: std::sync::OnceLock::new(),
+            warm_taken: Arc::default(),
         };
         for record in pack::installed_packs(&backend.data_dir) {
             backend.load(record)?;
@@ -114,6 +127,125 @@ impl WasmBackend {
     ) -> bool {
         let key = (sandbox.clone(), language.clone(), context.map(str::to_owned));
         self.kernels.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key)
+    }
+
+    /// Starts keeping warm kernels of every installed language (see [`crate::warm`]), their
+    /// prepared directories under `root` (on the sandboxes' filesystem), until the backend is
+    /// dropped. Once; must be called within a tokio runtime.
+    pub fn start_warm_pools(
+        self: &Arc<Self>,
+        root: PathBuf,
+        config: WarmConfig,
+    ) -> Result<(), WasmError> {
+        if config.max == 0 || self.warm.get().is_some() {
+            return Ok(());
+        }
+        if self.warm.set(WarmPools::new(root, config)?).is_err() {
+            return Ok(());
+        }
+        let backend = Arc::downgrade(self);
+        let taken = Arc::clone(&self.warm_taken);
+        tokio::spawn(async move {
+            while let Some(backend) = backend.upgrade() {
+                backend.keep_warm().await;
+                drop(backend);
+                tokio::select! {
+                    // A sandbox that took a kernel runs its cell at once: let it.
+                    () = taken.notified() => tokio::time::sleep(WARM_REFILL_DELAY).await,
+                    () = tokio::time::sleep(WARM_INTERVAL) => {}
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A warm kernel of `language` for a new sandbox, if one waits (see
+    /// [`WasmBackend::adopt`]).
+    pub fn take_warm(&self, language: &Language) -> Option<WarmKernel> {
+        let pools = self.warm.get()?;
+        self.pack(language)?;
+        let taken = pools.take(language);
+        self.warm_taken.notify_one();
+        taken
+    }
+
+    /// Gives `sandbox` (made in `warm`'s directory) its warm kernel, as the kernel of its
+    /// default context.
+    pub fn adopt(&self, sandbox: &Sandbox, warm: WarmKernel) {
+        let language = warm.language().clone();
+        let Some(base) = sandbox.workspace().parent() else { return };
+        let Some(kernel) = warm.into_kernel(base) else { return };
+        let key = (sandbox.id().clone(), language, None);
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), kernel.memory_gauge());
+        let slot = Arc::new(tokio::sync::Mutex::new(Some(kernel)));
+        self.kernels.lock().unwrap_or_else(PoisonError::into_inner).insert(key, slot);
+    }
+
+    /// The warm pools' state, by language.
+    pub fn warm_stats(&self) -> Vec<(Language, PoolStats)> {
+        self.warm.get().map(WarmPools::stats).unwrap_or_default()
+    }
+
+    /// Trims each language's pool to its target, then fills it, one kernel at a time, while
+    /// memory and kernel slots allow.
+    async fn keep_warm(&self) {
+        let Some(pools) = self.warm.get() else { return };
+        let languages: Vec<Language> =
+            self.packs.read().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+        for language in languages {
+            let (missing, surplus) = pools.balance(&language);
+            drop(surplus);
+            for _ in 0..missing {
+                let (live, max) = self.kernels();
+                let room = live < max / 4 * 3;
+                let memory = soulbox_runtime::host_memory::available_bytes()
+                    >= pools.config.min_free_memory_bytes;
+                if !room || !memory {
+                    return;
+                }
+                match self.prepare_warm(pools, &language).await {
+                    Ok(warm) => pools.put(warm),
+                    Err(error) => {
+                        tracing::warn!(%language, %error, "preparing a warm kernel");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn prepare_warm(
+        &self,
+        pools: &WarmPools,
+        language: &Language,
+    ) -> Result<WarmKernel, WasmError> {
+        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
+            language: language.clone(),
+            install_command: pack::install_command(language),
+        })?;
+        let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
+        let dir = pools.root.join(format!("{language}-{n}"));
+        warm::prepare(dir, language.clone(), |workspace, state| async move {
+            let scratch = state.join(format!("wasm-{language}-{n}"));
+            let started = Kernel::start(
+                &pack.image,
+                pack.record.spec.driver,
+                &pack.dir,
+                &workspace,
+                scratch,
+                &Limits::default(),
+            )
+            .await?;
+            let mut kernel = started.map_err(|termination| {
+                WasmError::Sandbox(format!("starting a warm {language} kernel: {termination}"))
+            })?;
+            kernel.count_in(&self.live_kernels);
+            Ok(kernel)
+        })
+        .await
     }
 
     /// A loaded pack.

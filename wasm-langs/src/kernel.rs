@@ -223,6 +223,16 @@ pub(crate) struct CellEnd {
 }
 
 impl Kernel {
+    /// Follows its directory's move from `from` to `to` (a warm kernel's prepared directory
+    /// adopted by a sandbox): its scratch directory, if inside, is then removed where it is.
+    pub(crate) fn moved(&mut self, from: &Path, to: &Path) {
+        if let Some(scratch) = &mut self.scratch
+            && let Ok(rest) = scratch.path.strip_prefix(from)
+        {
+            scratch.path = to.join(rest);
+        }
+    }
+
     /// Counts it in `count` while it lives.
     pub(crate) fn count_in(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
         self.counted = Some(Counted::new(count));

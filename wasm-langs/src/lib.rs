@@ -47,6 +47,7 @@ mod output;
 pub mod pack;
 pub mod plugin;
 mod snapshot;
+pub mod warm;
 
 use std::path::PathBuf;
 

@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_KERNELS: u32 = soulbox_wasm::DEFAULT_MAX_INSTANCES;
 #[cfg(not(feature = "wasm"))]
 pub const DEFAULT_MAX_KERNELS: u32 = 0;
 
+/// The most warm kernels kept per language, by default.
+pub const DEFAULT_WARM_KERNELS: usize = 16;
+
 /// How often expired sandboxes are looked for.
 const REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -38,6 +41,8 @@ pub struct App {
     telemetry: Arc<crate::telemetry::Telemetry>,
     /// The limits on new work.
     admission: Arc<crate::admission::Admission>,
+    /// The most warm kernels kept per language.
+    warm_kernels: usize,
     /// The data plane's per-sandbox state: polled directory watchers, cell contexts.
     watchers: Arc<crate::envd::Watchers>,
     contexts: Arc<crate::interpreter::Contexts>,
@@ -141,6 +146,7 @@ impl App {
             admission: Arc::new(crate::admission::Admission::new(
                 crate::admission::AdmissionConfig::default(),
             )),
+            warm_kernels: DEFAULT_WARM_KERNELS,
             watchers: Arc::default(),
             contexts: Arc::default(),
             #[cfg(feature = "native")]
@@ -155,6 +161,12 @@ impl App {
     /// The app with these limits on new work.
     pub fn with_admission(mut self, config: crate::admission::AdmissionConfig) -> Self {
         self.admission = Arc::new(crate::admission::Admission::new(config));
+        self
+    }
+
+    /// The app keeping at most `max` warm kernels per language (0: none).
+    pub fn with_warm_kernels(mut self, max: usize) -> Self {
+        self.warm_kernels = max;
         self
     }
 
@@ -175,7 +187,10 @@ impl App {
         #[cfg(feature = "wasm")]
         if let Some(manager) = &self.manager {
             let root = manager.prepared_root().join("kernels");
-            let config = soulbox_wasm::warm::WarmConfig::default();
+            let config = soulbox_wasm::warm::WarmConfig {
+                max: self.warm_kernels,
+                ..soulbox_wasm::warm::WarmConfig::default()
+            };
             if let Err(error) = self.wasm.start_warm_pools(root, config) {
                 tracing::warn!(%error, "no warm kernels: new sandboxes start theirs on their first cell");
             }

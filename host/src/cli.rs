@@ -194,6 +194,10 @@ struct ServeArgs {
     /// that need one more are refused with 429.
     #[arg(long, env = "SOULBOX_MAX_KERNELS", default_value_t = crate::app::DEFAULT_MAX_KERNELS)]
     max_kernels: u32,
+    /// The most warm kernels kept ready per language (started and run once, for new
+    /// sandboxes to adopt; the pools follow demand down to one each); 0 keeps none.
+    #[arg(long, env = "SOULBOX_WARM_KERNELS", default_value_t = crate::app::DEFAULT_WARM_KERNELS, value_name = "MAX")]
+    warm_kernels: usize,
     /// Connections open at once; past it, new ones wait until one ends.
     #[arg(long, env = "SOULBOX_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
@@ -571,7 +575,7 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         _ => app,
     };
-    let app = app.with_admission(args.admission());
+    let app = app.with_admission(args.admission()).with_warm_kernels(args.warm_kernels);
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
             .iter()

@@ -73,7 +73,7 @@ fn list_or_none(languages: &[Language]) -> String {
 /// the API for the CPU through the kernel's scheduler, which serves a woken API thread at
 /// once, instead of queueing the API's tasks behind it. One per process, as many threads as
 /// CPUs, never dropped.
-fn executions() -> &'static tokio::runtime::Runtime {
+pub fn execution_threads() -> &'static tokio::runtime::Runtime {
     static EXECUTIONS: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     EXECUTIONS.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -299,7 +299,7 @@ impl Dispatcher {
             }
             sink.send(event);
         };
-        executions().spawn(tracing::Instrument::instrument(work, span));
+        execution_threads().spawn(tracing::Instrument::instrument(work, span));
         Ok(Execution { tier, events })
     }
 

@@ -29,7 +29,9 @@ mod store;
 pub use backend::{
     Backend, BackendError, BackendOutcome, LanguageStatus, LanguageSupport, ResourceUsage,
 };
-pub use dispatch::{DispatchError, Dispatcher, ExecOutput, Execution, ExecutionObserver};
+pub use dispatch::{
+    DispatchError, Dispatcher, ExecOutput, Execution, ExecutionObserver, execution_threads,
+};
 pub use exec::{
     CellResult, EventSink, ExecEvent, ExecKind, ExecRequest, ExecSummary, GuestError, Language,
     Termination, Tier, TierPreference, Timings,

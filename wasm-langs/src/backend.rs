@@ -145,7 +145,8 @@ impl WasmBackend {
         }
         let backend = Arc::downgrade(self);
         let taken = Arc::clone(&self.warm_taken);
-        tokio::spawn(async move {
+        // Warm-up cells are executions: on the execution threads, apart from the API's.
+        soulbox_runtime::execution_threads().spawn(async move {
             while let Some(backend) = backend.upgrade() {
                 backend.keep_warm().await;
                 drop(backend);
@@ -163,7 +164,9 @@ impl WasmBackend {
     /// [`WasmBackend::adopt`]).
     pub fn take_warm(&self, language: &Language) -> Option<WarmKernel> {
         let pools = self.warm.get()?;
-        self.pack(language)?;
+        if !self.pack(language)?.record.spec.driver.warms() {
+            return None;
+        }
         let taken = pools.take(language);
         self.warm_taken.notify_one();
         taken
@@ -193,8 +196,14 @@ impl WasmBackend {
     /// memory and kernel slots allow.
     async fn keep_warm(&self) {
         let Some(pools) = self.warm.get() else { return };
-        let languages: Vec<Language> =
-            self.packs.read().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+        let languages: Vec<Language> = self
+            .packs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|pack| pack.record.spec.driver.warms())
+            .map(|pack| pack.language().clone())
+            .collect();
         for language in languages {
             let (missing, surplus) = pools.balance(&language);
             drop(surplus);

@@ -231,10 +231,7 @@ impl WasmBackend {
         pools: &WarmPools,
         language: &Language,
     ) -> Result<WarmKernel, WasmError> {
-        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
-            language: language.clone(),
-            install_command: pack::install_command(language),
-        })?;
+        let pack = self.installed(language)?;
         let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
         let dir = pools.root.join(format!("{language}-{n}"));
         warm::prepare(dir, language.clone(), |workspace, state| async move {
@@ -255,6 +252,14 @@ impl WasmBackend {
             Ok(kernel)
         })
         .await
+    }
+
+    /// The loaded pack of `language`, or the error that says how to install it.
+    fn installed(&self, language: &Language) -> Result<Arc<LoadedPack>, WasmError> {
+        self.pack(language).ok_or_else(|| WasmError::NotInstalled {
+            language: language.clone(),
+            install_command: pack::install_command(language),
+        })
     }
 
     /// A loaded pack.
@@ -288,10 +293,7 @@ impl WasmBackend {
         language: &Language,
         code: &str,
     ) -> Result<soulbox_runtime::Termination, WasmError> {
-        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
-            language: language.clone(),
-            install_command: pack::install_command(language),
-        })?;
+        let pack = self.installed(language)?;
         let spec = &pack.record.spec;
         let module = self.engine.load_module(&spec.wasm.sha256, pack.plain_module_path())?;
         let linker = pack::linker(&self.engine, spec.driver, &module)
@@ -334,10 +336,7 @@ impl WasmBackend {
         code: &str,
         events: &EventSink,
     ) -> Result<BackendOutcome, WasmError> {
-        let pack = self.pack(language).ok_or_else(|| WasmError::NotInstalled {
-            language: language.clone(),
-            install_command: pack::install_command(language),
-        })?;
+        let pack = self.installed(language)?;
         let slot = self.slot(sandbox.id(), language, request.context.as_deref());
         let mut parked = slot.lock().await;
         let startup_began = Instant::now();

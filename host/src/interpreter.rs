@@ -161,16 +161,17 @@ async fn execute(
     if let Err(refusal) = app.check_kernel_room(&Language::parse(&language), kernel) {
         return crate::e2b::E2bError::from(refusal).into_response();
     }
+    // A refused cell counts for nothing.
+    let place = match app.admission().execution(&live.record.team).await {
+        Ok(place) => place,
+        Err(refusal) => return crate::e2b::E2bError::from(refusal).into_response(),
+    };
     let count = {
         let mut contexts = app.contexts().lock();
         let executions = &mut contexts.entry(sandbox_id).or_default().executions;
         let count = executions.entry((request.context_id.clone(), language.clone())).or_default();
         *count += 1;
         *count
-    };
-    let place = match app.admission().execution(&live.record.team).await {
-        Ok(place) => place,
-        Err(refusal) => return crate::e2b::E2bError::from(refusal).into_response(),
     };
     let mut limits = live.sandbox.spec().limits;
     limits.wall_timeout = CELL_TIMEOUT;

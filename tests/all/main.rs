@@ -11,6 +11,7 @@ mod envd;
 mod escape;
 mod http;
 mod isolation;
+mod layers;
 mod limits;
 mod manager;
 mod native;

@@ -171,3 +171,43 @@ fn a_gzipped_layer_unpacks_the_same() {
     assert_eq!((unpacked.files, unpacked.bytes), (1, 5));
     assert_eq!(std::fs::read_to_string(dir.path().join("hello.txt")).expect("file"), "hello");
 }
+
+#[test]
+fn unpacked_layers_stack_in_overlayfs_with_their_whiteouts() {
+    if !is_root() || !Path::new("/usr/bin/unshare").exists() {
+        eprintln!("SKIPPED: mounting overlayfs needs root and unshare (util-linux)");
+        return;
+    }
+    let lower = Layer::new()
+        .file("gone.txt", 0o644, b"deleted above")
+        .file("kept.txt", 0o644, b"kept")
+        .file("cache/old", 0o644, b"hidden by an opaque directory above")
+        .bytes();
+    let upper = Layer::new()
+        .file(".wh.gone.txt", 0o644, b"")
+        .entry("cache/", tar::EntryType::Directory, 0o755, "", b"")
+        .file("cache/.wh..wh..opq", 0o644, b"")
+        .file("cache/new", 0o644, b"new")
+        .bytes();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (lower_dir, upper_dir, merged) =
+        (dir.path().join("lower"), dir.path().join("upper"), dir.path().join("merged"));
+    unpack(lower.as_slice(), &lower_dir).expect("the lower layer");
+    unpack(upper.as_slice(), &upper_dir).expect("the upper layer");
+    std::fs::create_dir(&merged).expect("a mount point");
+    // In a mount namespace of its own, so that nothing stays mounted on the host.
+    let script = format!(
+        "mount -t overlay overlay -o lowerdir={}:{} {} && cd {} && find . -type f | sort",
+        upper_dir.display(),
+        lower_dir.display(),
+        merged.display(),
+        merged.display()
+    );
+    let output = std::process::Command::new("/usr/bin/unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .expect("unshare runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "./cache/new\n./kept.txt\n", "{stderr}");
+}

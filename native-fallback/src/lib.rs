@@ -94,6 +94,7 @@
 mod backend;
 mod cgroup;
 mod control;
+pub mod dockerfile;
 pub mod layers;
 pub mod pool;
 mod protocol;

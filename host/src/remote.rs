@@ -802,9 +802,7 @@ impl ApiClient {
             &json!({ "process": { "cmd": cmd, "args": rest }, "stdin": forward_stdin }),
         )?;
         let mut feeder: Option<tokio::task::JoinHandle<()>> = None;
-        let mut body = vec![0u8];
-        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
-        body.extend_from_slice(&message);
+        let body = crate::envd::connect::envelope(0, &message).to_vec();
         let mut all: Vec<(&str, &str)> =
             headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         all.push(("content-type", "application/connect+json"));
@@ -1380,10 +1378,7 @@ async fn terminal(
             )
         }
     };
-    let payload = serde_json::to_vec(&message)?;
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(payload.len())?.to_be_bytes());
-    body.extend_from_slice(&payload);
+    let body = crate::envd::connect::envelope(0, &serde_json::to_vec(&message)?).to_vec();
     let mut all: Vec<(&str, &str)> =
         headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     all.push(("content-type", "application/connect+json"));

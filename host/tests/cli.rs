@@ -420,10 +420,9 @@ fn after_kill_9_every_sandbox_and_file_comes_back_and_running_ones_are_paused() 
     assert_eq!(status, 200, "{}", text(&body));
     // A process that the crash must not leave behind on the host.
     let marker = "sleep 4242";
-    let start = serde_json::to_vec(&serde_json::json!({"process": {"cmd": "/bin/bash", "args": ["-c", marker]}, "stdin": false})).expect("json");
-    let mut envelope = vec![0u8];
-    envelope.extend_from_slice(&u32::try_from(start.len()).expect("small").to_be_bytes());
-    envelope.extend_from_slice(&start);
+    let envelope = soulbox_tests::connect_envelope(
+        &json!({"process": {"cmd": "/bin/bash", "args": ["-c", marker]}, "stdin": false}),
+    );
     let started = std::thread::spawn({
         let port = server.port;
         let (id, token) = (id.clone(), token.clone());
@@ -997,10 +996,7 @@ fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
         let (status, answer) =
             server.call("POST", "/execute", &data_plane("49999", "application/json"), &cell);
         assert!(status == 200 && text(&answer).contains(r#""text":"2""#), "{}", text(&answer));
-        let start = serde_json::to_vec(&json!({"process": {"cmd": "/bin/true"}})).expect("json");
-        let mut envelope = vec![0u8];
-        envelope.extend_from_slice(&u32::try_from(start.len()).expect("small").to_be_bytes());
-        envelope.extend_from_slice(&start);
+        let envelope = soulbox_tests::connect_envelope(&json!({"process": {"cmd": "/bin/true"}}));
         let (status, answer) = server.call(
             "POST",
             "/process.Process/Start",

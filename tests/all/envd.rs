@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use soulbox_tests::{http_request, http_request_with, serve_with_manager};
+use soulbox_tests::{connect_envelope, http_request, http_request_with, serve_with_manager};
 
 /// A server and a new `base` sandbox on it: base URL, id, access token.
 async fn sandbox() -> (String, String, String, tempfile::TempDir) {
@@ -406,13 +406,9 @@ async fn signed_urls_stand_in_for_the_token_until_they_expire() {
 /// Sends `Start` for a shell command and returns the pid from the first frame, then hangs up.
 async fn start_and_leave(base: &str, id: &str, token: &str, script: &str, stdin: bool) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let message = serde_json::to_vec(
+    let envelope = connect_envelope(
         &json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": stdin}),
-    )
-    .expect("json");
-    let mut envelope = vec![0u8];
-    envelope.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    envelope.extend_from_slice(&message);
+    );
     let address = base.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
     let head = format!(
@@ -514,13 +510,9 @@ async fn start_to_end(
     script: &str,
     headers: &[(&str, &str)],
 ) -> Vec<(u8, Value)> {
-    let message = serde_json::to_vec(
+    let body = connect_envelope(
         &json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false}),
-    )
-    .expect("json");
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    body.extend_from_slice(&message);
+    );
     let mut all = vec![
         ("e2b-sandbox-id", id),
         ("x-access-token", token),
@@ -685,10 +677,7 @@ async fn terminal_sizes_of_zero_or_absurd_are_refused() {
     for (cols, rows) in [(0, 24), (80, 0), (5000, 24), (80, 70_000)] {
         let message =
             json!({"process": {"cmd": "/bin/bash"}, "pty": {"size": {"cols": cols, "rows": rows}}});
-        let body = serde_json::to_vec(&message).expect("json");
-        let mut envelope = vec![0u8];
-        envelope.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
-        envelope.extend_from_slice(&body);
+        let envelope = connect_envelope(&message);
         let (status, answer) = envd(
             &base,
             &id,
@@ -707,10 +696,7 @@ async fn terminal_sizes_of_zero_or_absurd_are_refused() {
     // A real terminal refuses a bad resize and takes a good one; a process without one has
     // nothing to resize.
     let message = json!({"process": {"cmd": "/bin/bash", "args": ["-c", "sleep 30"]}, "pty": {"size": {"cols": 80, "rows": 24}}});
-    let body = serde_json::to_vec(&message).expect("json");
-    let mut envelope = vec![0u8];
-    envelope.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
-    envelope.extend_from_slice(&body);
+    let envelope = connect_envelope(&message);
     let started = tokio::spawn({
         let (base, id, token) = (base.clone(), id.clone(), token.clone());
         async move {
@@ -853,13 +839,7 @@ async fn every_data_plane_route_refuses_a_missing_wrong_or_foreign_token_and_cha
     let workspace = data.path().join("sandboxes").join(&id).join("workspace");
     let unary = "application/json";
     let stream = "application/connect+json";
-    let envelope = |message: Value| {
-        let payload = serde_json::to_vec(&message).expect("json");
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
-        framed.extend_from_slice(&payload);
-        framed
-    };
+    let envelope = |message: Value| connect_envelope(&message);
     let routes: Vec<(&str, &str, &str, Vec<u8>)> = vec![
         (
             "POST",
@@ -975,10 +955,7 @@ async fn a_terminal_passes_binary_output_through_untouched() {
         "process": {"cmd": "/bin/sh", "args": ["-c", "printf '\\377\\376\\000\\200abc'"]},
         "pty": {"size": {"cols": 80, "rows": 24}},
     });
-    let payload = serde_json::to_vec(&message).expect("json");
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
-    body.extend_from_slice(&payload);
+    let body = connect_envelope(&message);
     let (status, answer) = envd(
         &base,
         &id,

@@ -151,6 +151,16 @@ pub async fn http_request_from(
     (status, headers, body)
 }
 
+/// `message` in a Connect protocol envelope (flags 0, the length big-endian, the JSON), as
+/// a streaming call of envd takes it.
+pub fn connect_envelope(message: &serde_json::Value) -> Vec<u8> {
+    let payload = serde_json::to_vec(message).expect("json");
+    let mut envelope = vec![0u8];
+    envelope.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+    envelope.extend_from_slice(&payload);
+    envelope
+}
+
 /// `soulbox serve` with its sandbox manager, in this process, on an ephemeral local port, with
 /// the shared packs, a directory of its own for its sandboxes and store, and
 /// [`TEST_API_KEY`] as an admin key; its base URL.

@@ -195,8 +195,8 @@ pub(crate) fn unary<T: Serialize>(message: &T) -> Response {
     Json(message).into_response()
 }
 
-/// One envelope.
-fn envelope(flags: u8, payload: &[u8]) -> Bytes {
+/// One envelope (also what the CLI sends as a streaming call's request).
+pub(crate) fn envelope(flags: u8, payload: &[u8]) -> Bytes {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut frame = Vec::with_capacity(5 + payload.len());
     frame.push(flags);

@@ -13,7 +13,7 @@
 //! on its first data-plane request, for the lifetime it was created with. An unknown, paused or killed
 //! sandbox answers 502 "sandbox was not found", as E2B's edge proxy does.
 
-mod connect;
+pub(crate) mod connect;
 mod files;
 mod filesystem;
 mod paths;

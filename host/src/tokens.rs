@@ -266,18 +266,7 @@ impl Tokens {
         token: &str,
         sandbox_id: &str,
     ) -> Result<Principal, TokenError> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[TERMINAL_AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
-        validation.leeway = 0;
-        let data = jsonwebtoken::decode::<Claims>(
-            token,
-            &DecodingKey::from_secret(&self.secret),
-            &validation,
-        )
-        .map_err(|e| TokenError::Refused(format!("the terminal token is not valid: {e}")))?;
-        let claims = data.claims;
+        let claims = self.decode(token, Some(TERMINAL_AUDIENCE), "terminal")?;
         if claims.sandbox.as_deref() != Some(sandbox_id) {
             return Err(TokenError::Refused(format!(
                 "the terminal token is for sandbox {}, not {sandbox_id}",
@@ -287,8 +276,31 @@ impl Tokens {
         if claims.sub.starts_with("oidc:") {
             return Ok(Principal { key_id: claims.sub, team: claims.team, role: claims.role });
         }
-        let principal = keys.principal(&claims.sub).ok_or(TokenError::KeyInvalid)?;
-        Ok(Principal { role: principal.role.min(claims.role), ..principal })
+        key_holder(keys, &claims)
+    }
+
+    /// The claims of one of the server's own tokens, checked: its signature, issuer and
+    /// expiry, and `audience` (a session token has none, and one with an audience is refused
+    /// as a session token).
+    fn decode(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+        kind: &str,
+    ) -> Result<Claims, TokenError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        match audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+            }
+            None => validation.set_required_spec_claims(&["exp", "iss", "sub"]),
+        }
+        validation.leeway = 0;
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&self.secret), &validation)
+            .map(|data| data.claims)
+            .map_err(|e| TokenError::Refused(format!("the {kind} token is not valid: {e}")))
     }
 
     /// Checks a bearer JWT: one of the server's session tokens, or one of the OIDC issuer's.
@@ -296,19 +308,8 @@ impl Tokens {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| TokenError::Refused(format!("the token is malformed: {e}")))?;
         if header.alg == Algorithm::HS256 {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.set_issuer(&[ISSUER]);
-            validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-            validation.leeway = 0;
-            let data = jsonwebtoken::decode::<Claims>(
-                token,
-                &DecodingKey::from_secret(&self.secret),
-                &validation,
-            )
-            .map_err(|e| TokenError::Refused(format!("the session token is not valid: {e}")))?;
             // The key must still be valid: revoking it ends its sessions.
-            let principal = keys.principal(&data.claims.sub).ok_or(TokenError::KeyInvalid)?;
-            return Ok(Principal { role: principal.role.min(data.claims.role), ..principal });
+            return key_holder(keys, &self.decode(token, None, "session")?);
         }
         let oidc = self.oidc.as_ref().ok_or_else(|| {
             TokenError::Refused("no OpenID Connect issuer is configured".to_owned())
@@ -333,6 +334,13 @@ impl Tokens {
             role: data.claims.soulbox_role,
         })
     }
+}
+
+/// The holder of the key that the claims name, if that key is still valid, with at most the
+/// claims' role.
+fn key_holder(keys: &Keys, claims: &Claims) -> Result<Principal, TokenError> {
+    let principal = keys.principal(&claims.sub).ok_or(TokenError::KeyInvalid)?;
+    Ok(Principal { role: principal.role.min(claims.role), ..principal })
 }
 
 /// Fetches an OpenID Connect issuer's JWKS from `jwks_url`.

@@ -29,13 +29,15 @@ use crate::auth::{DEFAULT_TEAM, Principal};
 /// (older versions make them refuse calls or kill the sandbox).
 pub const ENVD_VERSION: &str = "0.6.13";
 
-/// The templates a sandbox can be made from, and the tier their executions prefer.
-const TEMPLATES: [(&str, TierPreference); 5] = [
-    ("base", TierPreference::Auto),
-    ("code-interpreter-v1", TierPreference::Auto),
-    ("python", TierPreference::Auto),
-    ("javascript", TierPreference::Auto),
-    ("ruby", TierPreference::Auto),
+/// The templates a sandbox can be made from: the tier their executions prefer, and the
+/// language of their cells when it is a WASM tier's (its first cell needs a kernel, which a
+/// warm one can be).
+const TEMPLATES: [(&str, TierPreference, Option<&str>); 5] = [
+    ("base", TierPreference::Auto, None),
+    ("code-interpreter-v1", TierPreference::Auto, Some("python")),
+    ("python", TierPreference::Auto, Some("python")),
+    ("javascript", TierPreference::Auto, Some("javascript")),
+    ("ruby", TierPreference::Auto, Some("ruby")),
 ];
 
 /// The routes of the control plane.
@@ -365,8 +367,9 @@ async fn create(
     let manager = manager(&app)?;
     let request: NewSandbox = body(&bytes)?;
     request.check_supported()?;
-    let Some((_, tier)) = TEMPLATES.iter().find(|(name, _)| *name == request.template_id) else {
-        let known = TEMPLATES.map(|(name, _)| name).join(", ");
+    let template = TEMPLATES.iter().find(|(name, ..)| *name == request.template_id);
+    let Some(&(_, tier, first_language)) = template else {
+        let known = TEMPLATES.map(|(name, ..)| name).join(", ");
         let message = format!("template '{}' not found (templates: {known})", request.template_id);
         return Err(E2bError::new(StatusCode::NOT_FOUND, message));
     };
@@ -374,7 +377,7 @@ async fn create(
     create.timeout = request.timeout.map_or(DEFAULT_SANDBOX_TIMEOUT, Duration::from_secs);
     create.metadata = request.metadata;
     create.env = request.env_vars;
-    create.tier = *tier;
+    create.tier = tier;
     create.on_timeout = if request.auto_pause { OnTimeout::Pause } else { OnTimeout::Kill };
     create.auto_resume = request.auto_resume.is_some_and(|a| a.enabled);
     create.team = principal.team.clone();
@@ -382,12 +385,6 @@ async fn create(
     let template = create.template.clone();
     let team = create.team.clone();
     // A template whose cells run in the WASM tier needs a kernel slot for its first cell.
-    let first_language = match create.template.as_str() {
-        "python" | "code-interpreter-v1" => Some("python"),
-        "javascript" => Some("javascript"),
-        "ruby" => Some("ruby"),
-        _ => None,
-    };
     let room = first_language.map_or(Ok(()), |language| {
         app.check_kernel_room(&soulbox_runtime::Language::parse(language), None)
     });

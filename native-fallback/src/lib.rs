@@ -419,7 +419,7 @@ impl NativeTier {
 
     /// How many prepared sandboxes wait in the pool.
     pub fn pooled(&self) -> usize {
-        self.pool.stats().ready
+        self.pool.ready()
     }
 
     /// The pool's state: ready, target, hits and misses, demand.
@@ -435,7 +435,7 @@ impl NativeTier {
             let _ = tokio::task::spawn_blocking(move || drop(surplus)).await;
         }
         loop {
-            let missing = self.pool.target().saturating_sub(self.pooled());
+            let missing = self.pool.missing();
             if missing == 0 {
                 return;
             }

@@ -9,12 +9,7 @@
 //! less than [`NativeConfig::pool_min_free_memory_bytes`](crate::NativeConfig) available
 //! (running sandboxes come first).
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
-
-use soulbox_runtime::demand::{Demand, PoolStats};
+use std::time::Duration;
 
 use crate::sandbox::PreparedSandbox;
 
@@ -24,74 +19,4 @@ pub(crate) const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
 pub(crate) const PARALLEL_PREPARES: usize = 2;
 
 /// Prepared sandboxes and the demand for them.
-#[derive(Debug)]
-pub(crate) struct Pool {
-    min: usize,
-    max: usize,
-    ready: Mutex<VecDeque<PreparedSandbox>>,
-    demand: Mutex<Demand>,
-    hits: AtomicU64,
-    misses: AtomicU64,
-}
-
-impl Pool {
-    pub(crate) fn new(min: usize, max: usize) -> Self {
-        Self {
-            min: min.min(max),
-            max,
-            ready: Mutex::default(),
-            demand: Mutex::default(),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether the pool keeps anything at all.
-    pub(crate) fn enabled(&self) -> bool {
-        self.max > 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, VecDeque<PreparedSandbox>> {
-        self.ready.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A prepared sandbox for a start, if one waits; counts the demand, the hit or the miss.
-    pub(crate) fn take(&self) -> Option<PreparedSandbox> {
-        self.demand.lock().unwrap_or_else(PoisonError::into_inner).record(Instant::now());
-        let taken = self.lock().pop_front();
-        let counter = if taken.is_some() { &self.hits } else { &self.misses };
-        counter.fetch_add(1, Ordering::Relaxed);
-        taken
-    }
-
-    /// Puts a freshly prepared sandbox in.
-    pub(crate) fn put(&self, prepared: PreparedSandbox) {
-        self.lock().push_back(prepared);
-    }
-
-    /// How many sandboxes the pool should hold now.
-    pub(crate) fn target(&self) -> usize {
-        let demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
-        demand.target(Instant::now(), self.min, self.max)
-    }
-
-    /// Takes out the sandboxes beyond the target (the oldest first), to be torn down.
-    pub(crate) fn surplus(&self) -> Vec<PreparedSandbox> {
-        let target = self.target();
-        let mut ready = self.lock();
-        let extra = ready.len().saturating_sub(target);
-        ready.drain(..extra).collect()
-    }
-
-    pub(crate) fn stats(&self) -> PoolStats {
-        let demand = *self.demand.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        PoolStats {
-            ready: self.lock().len(),
-            target: demand.target(now, self.min, self.max),
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            demand_per_sec: demand.rate(now),
-        }
-    }
-}
+pub(crate) type Pool = soulbox_runtime::demand::Pool<PreparedSandbox>;

@@ -1,7 +1,10 @@
-//! The demand for prepared things (native sandboxes, warm kernels), and how many to keep
-//! ready for it: a pool keeps [`LEAD_TIME`] of the recent rate of takes ready, within its
-//! minimum and maximum, so that it grows under load and shrinks back when idle.
+//! Pools of prepared things (native sandboxes, warm kernels) sized by the demand for them: a
+//! [`Pool`] keeps [`LEAD_TIME`] of the recent rate of takes ready, within its minimum and
+//! maximum, so that it grows under load and shrinks back when idle. Its owner fills it (what
+//! [`Pool::missing`] says) and tears down what [`Pool::surplus`] hands back.
 
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The span over which demand is averaged.
@@ -57,6 +60,90 @@ impl Demand {
     }
 }
 
+/// Prepared things of one kind, and the demand for them.
+#[derive(Debug)]
+pub struct Pool<T> {
+    min: usize,
+    max: usize,
+    state: Mutex<PoolState<T>>,
+}
+
+#[derive(Debug)]
+struct PoolState<T> {
+    ready: VecDeque<T>,
+    demand: Demand,
+    hits: u64,
+    misses: u64,
+}
+
+impl<T> Pool<T> {
+    /// A pool keeping between `min` and `max` ready (none when `max` is 0).
+    pub fn new(min: usize, max: usize) -> Self {
+        let state =
+            PoolState { ready: VecDeque::new(), demand: Demand::default(), hits: 0, misses: 0 };
+        Self { min: min.min(max), max, state: Mutex::new(state) }
+    }
+
+    /// Whether the pool keeps anything at all.
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState<T>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One ready thing, if one waits; counts the demand, the hit or the miss.
+    pub fn take(&self) -> Option<T> {
+        let mut state = self.lock();
+        state.demand.record(Instant::now());
+        let taken = state.ready.pop_front();
+        if taken.is_some() {
+            state.hits += 1;
+        } else {
+            state.misses += 1;
+        }
+        taken
+    }
+
+    /// Puts a freshly prepared thing in.
+    pub fn put(&self, prepared: T) {
+        self.lock().ready.push_back(prepared);
+    }
+
+    /// How many are ready.
+    pub fn ready(&self) -> usize {
+        self.lock().ready.len()
+    }
+
+    /// How many the pool lacks to reach its target now.
+    pub fn missing(&self) -> usize {
+        let state = self.lock();
+        state.demand.target(Instant::now(), self.min, self.max).saturating_sub(state.ready.len())
+    }
+
+    /// Takes out (for the caller to tear down) those beyond the target now, the oldest first.
+    pub fn surplus(&self) -> Vec<T> {
+        let mut state = self.lock();
+        let target = state.demand.target(Instant::now(), self.min, self.max);
+        let extra = state.ready.len().saturating_sub(target);
+        state.ready.drain(..extra).collect()
+    }
+
+    /// Its state, for metrics.
+    pub fn stats(&self) -> PoolStats {
+        let state = self.lock();
+        let now = Instant::now();
+        PoolStats {
+            ready: state.ready.len(),
+            target: state.demand.target(now, self.min, self.max),
+            hits: state.hits,
+            misses: state.misses,
+            demand_per_sec: state.demand.rate(now),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +158,26 @@ mod tests {
         demand.per_sec = 1000.0;
         assert_eq!(demand.target(start, 1, 16), 16, "capped");
         assert_eq!(demand.target(start, 0, 0), 0, "a disabled pool");
+    }
+
+    #[test]
+    fn a_pool_counts_hits_and_misses_and_trims_to_its_target() {
+        let pool = Pool::new(1, 4);
+        assert_eq!(pool.missing(), 1, "idle: the minimum");
+        assert_eq!(pool.take(), None::<u32>);
+        for n in 0..3 {
+            pool.put(n);
+        }
+        assert_eq!(pool.take(), Some(0), "the oldest first");
+        let stats = pool.stats();
+        assert_eq!((stats.ready, stats.hits, stats.misses), (2, 1, 1));
+        assert!(stats.demand_per_sec > 0.0 && stats.target >= 1, "{stats:?}");
+        // Two takes at a rate under a take per half-second leave a target of one or two:
+        // what is beyond it comes back, the oldest first.
+        let surplus = pool.surplus();
+        assert_eq!(pool.ready() + surplus.len(), 2);
+        assert_eq!(surplus.first().copied().unwrap_or(2), 1, "{surplus:?}");
+        assert!(!Pool::<u32>::new(0, 0).enabled());
     }
 
     #[test]

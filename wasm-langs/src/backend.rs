@@ -167,7 +167,7 @@ impl WasmBackend {
         if !self.pack(language)?.record.spec.driver.warms() {
             return None;
         }
-        let taken = pools.take(language);
+        let taken = pools.of(language).take();
         self.warm_taken.notify_one();
         taken
     }
@@ -205,9 +205,9 @@ impl WasmBackend {
             .map(|pack| pack.language().clone())
             .collect();
         for language in languages {
-            let (missing, surplus) = pools.balance(&language);
-            drop(surplus);
-            for _ in 0..missing {
+            let pool = pools.of(&language);
+            drop(pool.surplus());
+            for _ in 0..pool.missing() {
                 let (live, max) = self.kernels();
                 let room = live < max / 4 * 3;
                 let memory = soulbox_runtime::host_memory::available_bytes()
@@ -216,7 +216,7 @@ impl WasmBackend {
                     return;
                 }
                 match self.prepare_warm(pools, &language).await {
-                    Ok(warm) => pools.put(warm),
+                    Ok(warm) => pool.put(warm),
                     Err(error) => {
                         tracing::warn!(%language, %error, "preparing a warm kernel");
                         break;

@@ -9,11 +9,11 @@
 //! [`WarmConfig`]'s bounds, shrinks when idle, and does not grow while the host is short of
 //! memory or most kernel slots are taken (running sandboxes come first).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
 
-use soulbox_runtime::demand::{Demand, PoolStats};
+use soulbox_runtime::demand::{Pool, PoolStats};
 use soulbox_runtime::{EventSink, Language, Limits};
 
 use crate::WasmError;
@@ -71,21 +71,12 @@ impl Drop for WarmKernel {
     }
 }
 
-/// One language's warm kernels and the demand for them.
-#[derive(Debug, Default)]
-struct LanguagePool {
-    ready: VecDeque<WarmKernel>,
-    demand: Demand,
-    hits: u64,
-    misses: u64,
-}
-
-/// The warm kernels of a backend, by language.
+/// The warm kernels of a backend, a pool per language.
 #[derive(Debug)]
 pub(crate) struct WarmPools {
     pub(crate) root: PathBuf,
     pub(crate) config: WarmConfig,
-    pools: std::sync::Mutex<BTreeMap<Language, LanguagePool>>,
+    pools: std::sync::Mutex<BTreeMap<Language, Arc<Pool<WarmKernel>>>>,
 }
 
 impl WarmPools {
@@ -101,55 +92,16 @@ impl WarmPools {
         Ok(Self { root, config, pools: std::sync::Mutex::default() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Language, LanguagePool>> {
-        self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A warm kernel of `language`, if one waits; counts the demand, the hit or the miss.
-    pub(crate) fn take(&self, language: &Language) -> Option<WarmKernel> {
-        let mut pools = self.lock();
-        let pool = pools.entry(language.clone()).or_default();
-        pool.demand.record(Instant::now());
-        let taken = pool.ready.pop_front();
-        if taken.is_some() {
-            pool.hits += 1;
-        } else {
-            pool.misses += 1;
-        }
-        taken
-    }
-
-    pub(crate) fn put(&self, warm: WarmKernel) {
-        self.lock().entry(warm.language.clone()).or_default().ready.push_back(warm);
-    }
-
-    /// How many warm kernels of `language` are missing from its target; takes out (to drop)
-    /// those beyond it, the oldest first.
-    pub(crate) fn balance(&self, language: &Language) -> (usize, Vec<WarmKernel>) {
-        let mut pools = self.lock();
-        let pool = pools.entry(language.clone()).or_default();
-        let target = pool.demand.target(Instant::now(), self.config.min, self.config.max);
-        let extra = pool.ready.len().saturating_sub(target);
-        let surplus = pool.ready.drain(..extra).collect();
-        (target.saturating_sub(pool.ready.len()), surplus)
+    /// The pool of `language`'s warm kernels.
+    pub(crate) fn of(&self, language: &Language) -> Arc<Pool<WarmKernel>> {
+        let mut pools = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (min, max) = (self.config.min, self.config.max);
+        Arc::clone(pools.entry(language.clone()).or_insert_with(|| Arc::new(Pool::new(min, max))))
     }
 
     pub(crate) fn stats(&self) -> Vec<(Language, PoolStats)> {
-        let now = Instant::now();
-        let (min, max) = (self.config.min, self.config.max);
-        self.lock()
-            .iter()
-            .map(|(language, pool)| {
-                let stats = PoolStats {
-                    ready: pool.ready.len(),
-                    target: pool.demand.target(now, min, max),
-                    hits: pool.hits,
-                    misses: pool.misses,
-                    demand_per_sec: pool.demand.rate(now),
-                };
-                (language.clone(), stats)
-            })
-            .collect()
+        let pools = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pools.iter().map(|(language, pool)| (language.clone(), pool.stats())).collect()
     }
 }
 

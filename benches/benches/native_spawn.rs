@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use soulbox_benches::{ms, percentile};
-use soulbox_native::{ExitStatus, NativeConfig, NativeSandbox, NativeTier, ProcessSpec};
+use soulbox_native::{
+    ExitStatus, NativeConfig, NativeSandbox, NativeTier, ProcessSpec, SandboxRoot,
+};
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 
@@ -252,7 +254,9 @@ async fn run_true(sandbox: &NativeSandbox) {
 }
 
 async fn start(tier: &Arc<NativeTier>, workspace: &Path) -> NativeSandbox {
-    tier.start_sandbox(workspace, SANDBOX_MEMORY_BYTES).await.expect("start a native sandbox")
+    tier.start_sandbox(&SandboxRoot::Host, workspace, SANDBOX_MEMORY_BYTES)
+        .await
+        .expect("start a native sandbox")
 }
 
 /// Row 3: one sandbox started beforehand; each sample is one command in it.

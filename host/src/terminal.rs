@@ -254,10 +254,13 @@ async fn open(
                 Ok(place) => place,
                 Err(refusal) => return ApiError::from(refusal).into_response(),
             };
-            let user = query.user.as_deref().unwrap_or("user");
-            let Some(user) = SandboxUser::parse(user) else {
-                let message = format!("no user {user}: `user` or `root`");
-                return refused(StatusCode::BAD_REQUEST, "invalid_user", message);
+            let user = match query.user.as_deref().map(|name| (name, SandboxUser::parse(name))) {
+                None => None,
+                Some((_, Some(user))) => Some(user),
+                Some((name, None)) => {
+                    let message = format!("no user {name}: `user` or `root`");
+                    return refused(StatusCode::BAD_REQUEST, "invalid_user", message);
+                }
             };
             let request = ProcessRequest {
                 argv: vec!["/bin/bash".to_owned(), "-i".to_owned(), "-l".to_owned()],

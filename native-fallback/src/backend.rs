@@ -22,7 +22,7 @@ use soulbox_runtime::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use crate::rootfs::{ROOT_HOME, SANDBOX_HOME};
+use crate::rootfs::{LayeredRoot, ROOT_HOME, SANDBOX_HOME, SandboxRoot};
 use crate::{
     ExitStatus, NativeError, NativeProcess, NativeSandbox, NativeTier, ProcessExit, ProcessId,
     ProcessSpec, TerminalProcess, set_terminal_size,
@@ -206,8 +206,11 @@ impl NativeBackend {
         };
         let native = slot
             .get_or_try_init(|| async {
-                let started =
-                    self.tier.start_sandbox(sandbox.workspace(), limits.memory_bytes).await?;
+                let root = root_of(sandbox);
+                let started = self
+                    .tier
+                    .start_sandbox(&root, sandbox.workspace(), limits.memory_bytes)
+                    .await?;
                 Ok::<_, NativeError>(Arc::new(started))
             })
             .await?;
@@ -240,8 +243,8 @@ impl NativeBackend {
         self.sandbox(sandbox, limits).await
     }
 
-    /// A process's whole environment: the basics for `user`, then the sandbox's variables,
-    /// then the request's (later ones win).
+    /// A process's whole environment: the basics for `user`, then its template's variables,
+    /// the sandbox's, then the request's (later ones win).
     fn environment<'a>(
         sandbox: &'a Sandbox,
         user: SandboxUser,
@@ -262,7 +265,8 @@ impl NativeBackend {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-        for (key, value) in sandbox.spec().env.iter().chain(extra) {
+        let template = sandbox.spec().image.iter().flat_map(|image| &image.env);
+        for (key, value) in template.chain(&sandbox.spec().env).chain(extra) {
             env.retain(|(k, _)| k != key);
             env.push((key.clone(), value.clone()));
         }
@@ -277,11 +281,12 @@ impl NativeBackend {
     ) -> Result<SpawnedProcess, ProcessError> {
         let failed = |e: NativeError| ProcessError::Backend(backend_error(e));
         let native = self.live_sandbox(sandbox, &sandbox.spec().limits).await.map_err(failed)?;
+        let user = request.user.unwrap_or_else(|| sandbox.spec().default_user());
         let spec = ProcessSpec {
             argv: request.argv.clone(),
-            env: Self::environment(sandbox, request.user, &request.env),
-            cwd: request.cwd.clone().unwrap_or_else(|| SANDBOX_HOME.to_owned()),
-            user: request.user,
+            env: Self::environment(sandbox, user, &request.env),
+            cwd: request.cwd.clone().unwrap_or_else(|| default_cwd(sandbox)),
+            user,
         };
         if let Some(size) = request.terminal {
             let process = match native.spawn_terminal(spec, size.cols, size.rows).await {
@@ -330,17 +335,13 @@ impl NativeBackend {
         native.set_memory_limit(request.limits.memory_bytes)?;
         let startup = began.elapsed();
         tracing::debug!(?startup, "native sandbox ready");
-        let env = Self::environment(sandbox, SandboxUser::User, &request.env);
+        let user = sandbox.spec().default_user();
+        let env = Self::environment(sandbox, user, &request.env);
         let run_began = Instant::now();
         let mut run = Run { native: &native, limits: &request.limits, deadline };
         let termination = match &request.kind {
             ExecKind::Command { argv } => {
-                let spec = ProcessSpec {
-                    argv: argv.clone(),
-                    env,
-                    cwd: SANDBOX_HOME.to_owned(),
-                    user: SandboxUser::User,
-                };
+                let spec = ProcessSpec { argv: argv.clone(), env, cwd: default_cwd(sandbox), user };
                 run.process(spec, None, &mut Output::Stream { events, sent: [0, 0] }).await?
             }
             ExecKind::Cell { language, code } => {
@@ -655,6 +656,26 @@ impl ProcessControl for NativeControl {
 /// A failure of the tier, as the dispatcher reports it.
 fn backend_error(e: NativeError) -> BackendError {
     BackendError { tier: Tier::Native, message: e.to_string() }
+}
+
+/// What a sandbox's root is made of: its template's layers under a writable layer kept in
+/// its state directory, or the host's system.
+fn root_of(sandbox: &Sandbox) -> SandboxRoot {
+    match &sandbox.spec().image {
+        None => SandboxRoot::Host,
+        Some(image) => SandboxRoot::Layers(LayeredRoot {
+            layers: image.layers.clone(),
+            writable: sandbox.state_dir().join("root"),
+            host_system: image.host_system,
+        }),
+    }
+}
+
+/// Where a sandbox's processes start unless a request says otherwise: its template's
+/// `WORKDIR`, else the user's home.
+fn default_cwd(sandbox: &Sandbox) -> String {
+    let workdir = sandbox.spec().image.as_ref().and_then(|image| image.workdir.clone());
+    workdir.unwrap_or_else(|| SANDBOX_HOME.to_owned())
 }
 
 fn program_installed(program: &str) -> bool {

@@ -92,9 +92,11 @@
 //!   documentation, but these development machines run v1 and could not exercise it.
 
 mod backend;
+pub mod build;
 mod cgroup;
 mod control;
 pub mod dockerfile;
+pub mod image;
 pub mod layers;
 pub mod pool;
 mod protocol;
@@ -124,8 +126,8 @@ pub use protocol::ExitStatus;
 use protocol::{BpfInstruction, SetupPlan};
 use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
 pub use rootfs::{
-    ROOT_HOME, RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT, SANDBOX_UID,
-    SANDBOX_UID_BASE,
+    LayeredRoot, ROOT_HOME, RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT,
+    SANDBOX_UID, SANDBOX_UID_BASE, SandboxRoot,
 };
 use sandbox::PreparedSandbox;
 pub use sandbox::{
@@ -367,29 +369,43 @@ impl NativeTier {
         &self.config
     }
 
-    /// Starts a sandbox with `workspace` at `/home/user` and a memory limit for all its
-    /// processes: a prepared one from the pool when there is one (then the pool refills in
-    /// the background), else one prepared now.
+    /// Starts a sandbox on `root` with `workspace` at `/home/user` and a memory limit for all
+    /// its processes. A sandbox of the default root comes from the pool when one waits there
+    /// (then the pool refills in the background); any other is prepared now.
     pub async fn start_sandbox(
         self: &Arc<Self>,
+        root: &SandboxRoot,
         workspace: &Path,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
+        if *root != SandboxRoot::Host {
+            return self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await;
+        }
         let pooled = self.pool.take();
         tracing::debug!(from_pool = pooled.is_some(), "starting a native sandbox");
         self.warm();
         self.taken.notify_one();
         match pooled {
-            Some(prepared) => match prepared.enter(self, workspace, memory_bytes).await {
+            Some(prepared) => match prepared.enter(self, Some(workspace), memory_bytes).await {
                 Ok(sandbox) => Ok(sandbox),
                 // A pooled init that died meanwhile (killed from outside): prepare afresh.
                 Err(e) => {
                     tracing::warn!(error = %e, "a prepared sandbox failed; preparing another");
-                    self.prepare().await?.enter(self, workspace, memory_bytes).await
+                    self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await
                 }
             },
-            None => self.prepare().await?.enter(self, workspace, memory_bytes).await,
+            None => self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await,
         }
+    }
+
+    /// Starts a sandbox on `root` without a workspace (its `/home/user` is part of the root),
+    /// as a template build's steps run.
+    pub async fn start_build_sandbox(
+        self: &Arc<Self>,
+        root: &SandboxRoot,
+        memory_bytes: u64,
+    ) -> Result<NativeSandbox, NativeError> {
+        self.prepare(root).await?.enter(self, None, memory_bytes).await
     }
 
     /// Starts the pool's keeper in the background, once (a server calls it when it is up, so
@@ -446,7 +462,9 @@ impl NativeTier {
                 return;
             }
             let batch = missing.min(pool::PARALLEL_PREPARES);
-            let prepared = futures::future::join_all((0..batch).map(|_| self.prepare())).await;
+            let prepared =
+                futures::future::join_all((0..batch).map(|_| self.prepare(&SandboxRoot::Host)))
+                    .await;
             for prepared in prepared {
                 match prepared {
                     Ok(prepared) => self.pool.put(prepared),
@@ -459,7 +477,7 @@ impl NativeTier {
         }
     }
 
-    async fn prepare(&self) -> Result<PreparedSandbox, NativeError> {
+    async fn prepare(&self, root: &SandboxRoot) -> Result<PreparedSandbox, NativeError> {
         let limits = CgroupLimits {
             memory_bytes: PREPARED_MEMORY_BYTES,
             max_processes: self.config.max_processes,
@@ -467,10 +485,10 @@ impl NativeTier {
         };
         let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{n}", std::process::id());
-        PreparedSandbox::prepare(self, &name, limits).await
+        PreparedSandbox::prepare(self, &name, limits, root).await
     }
 
-    fn plan(&self, mounts: Vec<String>) -> SetupPlan {
+    fn plan(&self, root: &SandboxRoot, mounts: Vec<String>) -> SetupPlan {
         let tmpfs =
             TmpfsSizes { tmp_bytes: self.config.tmp_bytes, shm_bytes: self.config.shm_bytes };
         let rlimits = RlimitSettings {
@@ -478,7 +496,7 @@ impl NativeTier {
             file_bytes: self.config.file_bytes,
             stack_bytes: STACK_BYTES,
         };
-        self.rootfs.plan(mounts, tmpfs, rlimits, self.seccomp.clone())
+        self.rootfs.plan(root, mounts, tmpfs, rlimits, self.seccomp.clone())
     }
 }
 

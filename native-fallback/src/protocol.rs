@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// The most file descriptors one message carries.
-pub(crate) const MAX_MESSAGE_FDS: usize = 4;
+pub(crate) const MAX_MESSAGE_FDS: usize = 8;
 
 /// The control socket's descriptor number in init.
 pub(crate) const INIT_CONTROL_FD: i32 = 3;
@@ -102,8 +102,15 @@ pub(crate) struct SetupPlan {
     pub(crate) hostname: String,
     /// Where each detached mount sent with the message is attached in the new root.
     pub(crate) mounts: Vec<String>,
-    /// Where the workspace sent with [`HostMessage::Enter`] is attached.
+    /// Whether the first mount is the root itself (a template's layers under the sandbox's
+    /// writable layer), which stays writable. Otherwise the root is a small tmpfs, made
+    /// read-only once built.
+    pub(crate) layered_root: bool,
+    /// Where the workspace sent with [`HostMessage::Enter`] is attached: the home of the
+    /// sandbox user.
     pub(crate) workspace: String,
+    /// The sandbox user's id (and its group's).
+    pub(crate) user_id: u32,
     /// Symbolic links made in the new root: `(path, target)`.
     pub(crate) symlinks: Vec<(String, String)>,
     /// The size of the private `/tmp`.

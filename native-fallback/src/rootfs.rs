@@ -111,6 +111,30 @@ const READ_ONLY_LAYER: u64 =
 /// `MOUNT_ATTR_*` for the workspace.
 const WORKSPACE_LAYER: u64 = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
 
+/// What a sandbox's `/` is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SandboxRoot {
+    /// The default template: the host's `/usr` and the allow-listed `/etc`, read-only, on a
+    /// small read-only root.
+    #[default]
+    Host,
+    /// A built template: its layers, read-only, under the sandbox's own writable layer.
+    Layers(LayeredRoot),
+}
+
+/// A template's root: overlayfs over its layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayeredRoot {
+    /// The layers' directories, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// Where the sandbox's writable layer lives (overlayfs's `upper` and `work` directories
+    /// under it); it outlives the sandbox's processes, like its workspace.
+    pub writable: PathBuf,
+    /// Whether the host's `/usr` and the allow-listed `/etc` are mounted over the layers
+    /// (a template built `FROM base`).
+    pub host_system: bool,
+}
+
 /// Failure to prepare the root.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -118,6 +142,15 @@ pub enum RootfsError {
     #[error("preparing the sandbox /etc at {path}: {source}")]
     Etc {
         /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The sandbox's writable layer could not be made.
+    #[error("preparing the sandbox's writable layer at {path}: {source}")]
+    Writable {
+        /// The directory.
         path: PathBuf,
         /// The I/O error.
         #[source]
@@ -196,13 +229,27 @@ impl HostRootfs {
         Ok(Self { layers, symlinks, etc })
     }
 
-    /// Detached, read-only mounts of the template's layers, and where each goes.
-    pub(crate) fn layer_mounts(&self) -> Result<(Vec<OwnedFd>, Vec<String>), RootfsError> {
-        let mut fds = Vec::with_capacity(self.layers.len());
-        let mut targets = Vec::with_capacity(self.layers.len());
-        for (host, target) in &self.layers {
-            fds.push(detached(host, READ_ONLY_LAYER, None)?);
-            targets.push(target.clone());
+    /// Detached mounts of what `root` is made of, and where each goes (a layered root
+    /// first, at `/`).
+    pub(crate) fn mounts(
+        &self,
+        root: &SandboxRoot,
+    ) -> Result<(Vec<OwnedFd>, Vec<String>), RootfsError> {
+        let mut fds = Vec::new();
+        let mut targets = Vec::new();
+        let host_system = match root {
+            SandboxRoot::Host => true,
+            SandboxRoot::Layers(layered) => {
+                fds.push(overlay(layered)?);
+                targets.push("/".to_owned());
+                layered.host_system
+            }
+        };
+        if host_system {
+            for (host, target) in &self.layers {
+                fds.push(detached(host, READ_ONLY_LAYER, None)?);
+                targets.push(target.clone());
+            }
         }
         Ok((fds, targets))
     }
@@ -220,6 +267,7 @@ impl HostRootfs {
     /// The whole plan of the isolation sequence for one sandbox.
     pub(crate) fn plan(
         &self,
+        root: &SandboxRoot,
         mounts: Vec<String>,
         tmpfs: TmpfsSizes,
         rlimits: RlimitSettings,
@@ -229,8 +277,13 @@ impl HostRootfs {
         SetupPlan {
             hostname: SANDBOX_HOSTNAME.to_owned(),
             mounts,
+            layered_root: matches!(root, SandboxRoot::Layers(_)),
             workspace: SANDBOX_HOME.to_owned(),
-            symlinks: self.symlinks.clone(),
+            user_id: SANDBOX_UID,
+            symlinks: match root {
+                SandboxRoot::Layers(layered) if !layered.host_system => Vec::new(),
+                _ => self.symlinks.clone(),
+            },
             tmp_bytes: tmpfs.tmp_bytes,
             shm_bytes: tmpfs.shm_bytes,
             devices: DEVICES.iter().map(|d| (*d).to_owned()).collect(),
@@ -254,6 +307,30 @@ fn detached(path: &Path, attributes: u64, idmap: Option<&OwnedFd>) -> Result<Own
     let tree = mounts::clone_tree(&c_path).map_err(error)?;
     mounts::set_attributes(tree.as_fd(), attributes, idmap.map(AsFd::as_fd)).map_err(error)?;
     Ok(tree)
+}
+
+/// The overlay of a template's layers under the sandbox's writable layer. The writable
+/// layer's root belongs to the sandbox's root, as the image's `/` does.
+fn overlay(root: &LayeredRoot) -> Result<OwnedFd, RootfsError> {
+    let upper = root.writable.join("upper");
+    let work = root.writable.join("work");
+    let writable_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RootfsError::Writable { path, source }
+    };
+    // overlayfs needs a lower layer: an empty one for a template with none.
+    let empty = root.writable.join("empty");
+    for dir in [&upper, &work, &empty] {
+        fs::create_dir_all(dir).map_err(writable_error(dir))?;
+    }
+    let owner = Some(SANDBOX_UID_BASE);
+    std::os::unix::fs::chown(&upper, owner, owner).map_err(writable_error(&upper))?;
+    let mut lower: Vec<&Path> = root.layers.iter().rev().map(PathBuf::as_path).collect();
+    if lower.is_empty() {
+        lower.push(&empty);
+    }
+    mounts::overlay(&lower, &upper, &work)
+        .map_err(|source| RootfsError::Mount { path: upper.clone(), source })
 }
 
 /// Removes `etc-<pid>-<n>` copies whose process is gone.

@@ -19,7 +19,7 @@ use crate::NativeTier;
 use crate::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::control::ControlSocket;
 use crate::protocol::{ExitStatus, HostMessage, InitMessage, MAX_MESSAGE_BYTES, SpawnRequest};
-use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE};
+use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE, SandboxRoot};
 use crate::sys::spawn::{InitFds, clone_init};
 use crate::{NativeError, SetupStep, io_errno};
 use soulbox_runtime::SandboxUser;
@@ -88,6 +88,7 @@ impl PreparedSandbox {
         tier: &NativeTier,
         name: &str,
         limits: CgroupLimits,
+        root: &SandboxRoot,
     ) -> Result<Self, NativeError> {
         let cgroup = SandboxCgroup::create(name, limits)?;
         let socket =
@@ -118,10 +119,10 @@ impl PreparedSandbox {
         set_nonblocking(host_end.as_fd())
             .map_err(|e| NativeError::host(SetupStep::ControlSocket, e))?;
         let control = prepared.control.insert(ControlSocket::new(host_end).map_err(socket_error)?);
-        let (layers, targets) = tier.rootfs.layer_mounts()?;
+        let (layers, targets) = tier.rootfs.mounts(root)?;
         let borrowed: Vec<BorrowedFd<'_>> = layers.iter().map(AsFd::as_fd).collect();
         control
-            .send(&HostMessage::Setup(tier.plan(targets)), &borrowed)
+            .send(&HostMessage::Setup(tier.plan(root, targets)), &borrowed)
             .await
             .map_err(socket_error)?;
         drop(layers);
@@ -129,20 +130,24 @@ impl PreparedSandbox {
         Ok(prepared)
     }
 
-    /// Attaches `workspace` at `/home/user` and has init finish the isolation sequence; the
-    /// sandbox is then ready for the guest.
+    /// Attaches `workspace` (if any) at `/home/user` and has init finish the isolation
+    /// sequence; the sandbox is then ready for the guest.
     pub(crate) async fn enter(
         mut self,
         tier: &NativeTier,
-        workspace: &Path,
+        workspace: Option<&Path>,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
         if let Some(cgroup) = &self.cgroup {
             cgroup.set_memory_limit(memory_bytes)?;
         }
         let control = self.control.take().ok_or(NativeError::SandboxEnded)?;
-        let mount = tier.rootfs.workspace_mount(workspace, &tier.idmap)?;
-        let sent = control.send(&HostMessage::Enter, &[mount.as_fd()]).await;
+        let mount = match workspace {
+            Some(workspace) => Some(tier.rootfs.workspace_mount(workspace, &tier.idmap)?),
+            None => None,
+        };
+        let fds: Vec<BorrowedFd<'_>> = mount.iter().map(AsFd::as_fd).collect();
+        let sent = control.send(&HostMessage::Enter, &fds).await;
         sent.map_err(|e| NativeError::host(SetupStep::ControlSocket, io_errno(&e)))?;
         drop(mount);
         expect(&control, &InitMessage::Ready).await?;

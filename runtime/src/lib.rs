@@ -53,5 +53,5 @@ pub use process::{
     ProcessInfo, ProcessRequest, ProcessSignal, ProcessTable, SandboxUser, SpawnedProcess,
     TerminalSize,
 };
-pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
+pub use sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec, TemplateImage};
 pub use store::{Store, StoreError};

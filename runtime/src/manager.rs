@@ -18,6 +18,7 @@ use crate::dispatch::Dispatcher;
 use crate::exec::{Tier, TierPreference};
 use crate::limits::{Limits, LimitsError};
 use crate::process::ProcessTable;
+use crate::sandbox::TemplateImage;
 use crate::sandbox::{Sandbox, SandboxDirError, SandboxId, SandboxSpec};
 use crate::store::{Store, StoreError};
 
@@ -104,6 +105,9 @@ pub struct SandboxRecord {
     /// How long it ran before that, in milliseconds (pauses excluded).
     #[serde(default)]
     pub running_ms: u64,
+    /// The built template it was made from, if any.
+    #[serde(default)]
+    pub image: Option<TemplateImage>,
 }
 
 impl SandboxRecord {
@@ -175,6 +179,8 @@ pub struct CreateSandbox {
     pub auto_resume: bool,
     /// The team it belongs to.
     pub team: String,
+    /// The built template it is made from, if any.
+    pub image: Option<TemplateImage>,
 }
 
 impl CreateSandbox {
@@ -190,6 +196,7 @@ impl CreateSandbox {
             on_timeout: OnTimeout::Kill,
             auto_resume: false,
             team: String::new(),
+            image: None,
         }
     }
 }
@@ -450,8 +457,12 @@ impl SandboxManager {
         request.limits.validate()?;
         check_pairs("metadata", &request.metadata, MAX_METADATA_ENTRIES)?;
         check_pairs("environment", &request.env, MAX_ENV_ENTRIES)?;
-        let spec =
-            SandboxSpec { env: request.env.clone(), limits: request.limits, tier: request.tier };
+        let spec = SandboxSpec {
+            env: request.env.clone(),
+            limits: request.limits,
+            tier: request.tier,
+            image: request.image.clone(),
+        };
         let sandbox = match prepared {
             Some(prepared) => Sandbox::adopt(&self.root, spec, prepared)?,
             None => Sandbox::create(&self.root, spec)?,
@@ -477,6 +488,7 @@ impl SandboxManager {
             team: request.team,
             running_since_ms: now_ms(),
             running_ms: 0,
+            image: request.image,
         };
         if let Err(e) = self.store.put(SANDBOXES, record.id.as_str(), &record) {
             let _ = sandbox.remove_files();
@@ -825,5 +837,10 @@ fn tree_size(dir: &Path) -> u64 {
 }
 
 fn spec_of(record: &SandboxRecord) -> SandboxSpec {
-    SandboxSpec { env: record.env.clone(), limits: record.limits, tier: record.tier }
+    SandboxSpec {
+        env: record.env.clone(),
+        limits: record.limits,
+        tier: record.tier,
+        image: record.image.clone(),
+    }
 }

@@ -70,8 +70,9 @@ pub struct ProcessRequest {
     pub env: BTreeMap<String, String>,
     /// The working directory; the user's home when absent.
     pub cwd: Option<String>,
-    /// Who runs it.
-    pub user: SandboxUser,
+    /// Who runs it; the sandbox's default user when absent (its template's `USER`, else
+    /// `user`).
+    pub user: Option<SandboxUser>,
     /// Whether it gets a standard input to write to (else it reads end of file).
     pub stdin: bool,
     /// Its lifetime: it is killed at this deadline. None: until it ends.

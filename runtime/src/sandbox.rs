@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exec::TierPreference;
 use crate::limits::Limits;
+use crate::process::SandboxUser;
 
 /// A sandbox's id: 20 lower-case letters and digits, as E2B's.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -55,6 +56,35 @@ pub struct SandboxSpec {
     pub limits: Limits,
     /// Which tier its executions prefer.
     pub tier: TierPreference,
+    /// The built template it was made from, if any.
+    pub image: Option<TemplateImage>,
+}
+
+impl SandboxSpec {
+    /// Who its processes run as unless a request says otherwise.
+    pub fn default_user(&self) -> SandboxUser {
+        self.image.as_ref().map_or(SandboxUser::User, |image| image.user)
+    }
+}
+
+/// What a sandbox made from a built template starts with: the template's layers (its root in
+/// the native tier) and the defaults its Dockerfile set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TemplateImage {
+    /// The build it comes from.
+    pub build_id: String,
+    /// The layers' directories, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// Whether the host's `/usr` and the allow-listed `/etc` are mounted over the layers (a
+    /// template built `FROM base`).
+    pub host_system: bool,
+    /// Who processes run as unless a request says otherwise (`USER`).
+    pub user: SandboxUser,
+    /// Where processes start unless a request says otherwise (`WORKDIR`).
+    pub workdir: Option<String>,
+    /// Environment variables (`ENV`, and the base image's), under the sandbox's own.
+    pub env: BTreeMap<String, String>,
 }
 
 /// A live sandbox: its files live in `workspace` (the guest's `/home/user`), and a backend

@@ -4,6 +4,7 @@
 
 mod admission;
 mod auth;
+mod build;
 mod cells;
 mod e2b_control;
 mod e2b_sdk;

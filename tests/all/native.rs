@@ -385,7 +385,11 @@ async fn wait_for(path: &std::path::Path) {
 async fn a_failing_isolation_step_refuses_the_sandbox() {
     let Some(native) = native_backend() else { return };
     let missing = std::path::Path::new("/nonexistent/soulbox/workspace");
-    let refused = native.tier().start_sandbox(missing, 256 << 20).await.expect_err("refused");
+    let refused = native
+        .tier()
+        .start_sandbox(&soulbox_native::SandboxRoot::Host, missing, 256 << 20)
+        .await
+        .expect_err("refused");
     assert!(refused.to_string().contains("/nonexistent/soulbox/workspace"), "{refused}");
 }
 
@@ -508,7 +512,10 @@ async fn the_pool_grows_with_demand_and_shrinks_back_when_idle() {
     // A burst of starts: the demand rises, and with it the target and the pool.
     let workspace = tempfile::tempdir().expect("tempdir");
     for _ in 0..20 {
-        let sandbox = tier.start_sandbox(workspace.path(), 256 << 20).await.expect("a sandbox");
+        let sandbox = tier
+            .start_sandbox(&soulbox_native::SandboxRoot::Host, workspace.path(), 256 << 20)
+            .await
+            .expect("a sandbox");
         sandbox.destroy().await.expect("destroyed");
     }
     let stats = tier.pool_stats();
@@ -535,7 +542,10 @@ async fn the_pool_leaves_memory_to_running_sandboxes() {
     assert_eq!(tier.pooled(), 0, "no host has that much memory free: the pool waits");
     // Sandboxes still start (prepared on demand).
     let workspace = tempfile::tempdir().expect("tempdir");
-    let sandbox = tier.start_sandbox(workspace.path(), 256 << 20).await.expect("a sandbox");
+    let sandbox = tier
+        .start_sandbox(&soulbox_native::SandboxRoot::Host, workspace.path(), 256 << 20)
+        .await
+        .expect("a sandbox");
     sandbox.destroy().await.expect("destroyed");
     assert_eq!((tier.pool_stats().hits, tier.pool_stats().misses), (0, 1));
 }

@@ -1,7 +1,7 @@
 //! Shared set-up for SoulBox's end-to-end tests and benchmarks: one data directory with every
 //! language pack installed, made once per machine and shared by every test process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use soulbox_native::{NativeBackend, NativeConfig, NativeTier};
@@ -220,4 +220,47 @@ pub async fn serve_setup(
     let served = app.clone();
     tokio::spawn(async move { soulbox_host::server::serve_with(listener, served, limits).await });
     (format!("http://{address}"), data, app)
+}
+
+/// A small OCI image layout at `dir`, tagged `latest`: Debian's static busybox with its
+/// applets as links in `/bin`, an `/etc/passwd`, `PATH=/bin`. Made with `umoci`, as a user
+/// would pack a base image by hand. `None`, with the reason printed, when `umoci` or
+/// `busybox-static` is missing (`.ci/run` installs both).
+pub fn busybox_image(dir: &Path) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    let umoci_missing = std::process::Command::new("umoci").arg("--version").output().is_err();
+    if umoci_missing || !busybox.exists() {
+        eprintln!(
+            "SKIPPED: making a base image needs umoci and busybox-static (apt-get install umoci busybox-static)"
+        );
+        return None;
+    }
+    let layout = dir.join("busybox-oci");
+    let bundle = dir.join("busybox-bundle");
+    let umoci = |args: &[&str]| {
+        let status = std::process::Command::new("umoci").args(args).status().expect("umoci runs");
+        assert!(status.success(), "umoci {args:?} failed");
+    };
+    let image = format!("{}:latest", layout.display());
+    umoci(&["init", "--layout", &layout.to_string_lossy()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, &bundle.to_string_lossy()]);
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("bin");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("etc");
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+    let applets = std::process::Command::new(busybox).arg("--list").output().expect("applets");
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("link");
+        }
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
+    )
+    .expect("passwd");
+    umoci(&["repack", "--image", &image, &bundle.to_string_lossy()]);
+    umoci(&["config", "--image", &image, "--config.env", "PATH=/bin", "--config.cmd", "/bin/sh"]);
+    Some(layout)
 }

@@ -171,21 +171,22 @@ fn encode_bytes(bytes: &[u8]) -> String {
 }
 
 /// The user of a call: `Authorization: Basic base64("<user>:")`, or the sandbox's default.
-pub(super) fn user_of(headers: &HeaderMap) -> Result<SandboxUser, ConnectError> {
+pub(super) fn user_of(headers: &HeaderMap) -> Result<Option<SandboxUser>, ConnectError> {
     let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return Ok(SandboxUser::User);
+        return Ok(None);
     };
     let unknown = || ConnectError::new(Code::Unauthenticated, "invalid user in Authorization");
     let encoded = value.strip_prefix("Basic ").ok_or_else(unknown)?;
     let decoded = decode_bytes(encoded.trim()).map_err(|_| unknown())?;
     let decoded = String::from_utf8(decoded).map_err(|_| unknown())?;
     let name = decoded.split(':').next().unwrap_or_default();
-    SandboxUser::parse(name).ok_or_else(|| {
+    let user = SandboxUser::parse(name).ok_or_else(|| {
         ConnectError::new(
             Code::Unauthenticated,
             format!("unknown user '{name}' (the users are `user` and `root`)"),
         )
-    })
+    })?;
+    Ok(Some(user))
 }
 
 impl LiveSandbox {

@@ -42,16 +42,14 @@ fn main() -> ExitCode {
     if control.send(&InitMessage::Prepared).is_err() {
         return ExitCode::from(5);
     }
+    // The workspace, or none (a template build's sandbox keeps `/home/user` in its layer).
     let workspace = match control.recv() {
-        Ok(Some((HostMessage::Enter, fds))) if fds.len() == 1 => fds.into_iter().next(),
+        Ok(Some((HostMessage::Enter, fds))) if fds.len() <= 1 => fds.into_iter().next(),
         // The host closed its end: a pooled sandbox that was never used.
         Ok(None) => return ExitCode::SUCCESS,
-        _ => None,
+        _ => return ExitCode::from(3),
     };
-    let Some(workspace) = workspace else {
-        return ExitCode::from(3);
-    };
-    if let Err(failure) = setup::enter(&plan, &workspace) {
+    if let Err(failure) = setup::enter(&plan, workspace.as_ref()) {
         return report(&control, &failure);
     }
     drop(workspace);

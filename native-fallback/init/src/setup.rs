@@ -20,7 +20,8 @@ use crate::protocol::{RlimitResource, SetupPlan};
 use crate::sys;
 
 /// Where the new root is built before `pivot_root`: a tmpfs mounted over the host's `/tmp`
-/// in init's private mount namespace (the host's own `/tmp` is not touched).
+/// in init's private mount namespace (the host's own `/tmp` is not touched), or a template's
+/// layered root attached there.
 const NEW_ROOT: &str = "/tmp";
 
 /// A step that failed, and the kernel's answer.
@@ -107,17 +108,40 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
         )?;
         Ok(())
     })?;
+    // A layered root is the first mount; a tmpfs root is made here.
+    let attached = usize::from(plan.layered_root);
     step("mount the new root", || {
-        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), flags, Some("mode=0755,size=1m"))?;
-        let fixed = [plan.workspace.as_str(), "/tmp", "/dev", "/proc", "/root"];
-        for dir in plan.mounts.iter().map(String::as_str).chain(fixed) {
+        if mounts.len() != plan.mounts.len() {
+            return Err(StepError::Plan("the number of mounts sent does not match the plan"));
+        }
+        match mounts.first() {
+            Some(root) if plan.layered_root => sys::move_mount(root.as_fd(), c"/tmp")?,
+            _ => {
+                let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+                let options = Some("mode=0755,size=1m");
+                mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), flags, options)?;
+            }
+        }
+        // The sandbox user's home belongs to it when it is made here (it is where a
+        // workspace goes, or, in a template build, part of the layer).
+        let home = in_root(&plan.workspace);
+        if !home.exists() {
+            fs::create_dir_all(&home)?;
+            let user = (Uid::from_raw(plan.user_id), Gid::from_raw(plan.user_id));
+            nix::unistd::chown(&home, Some(user.0), Some(user.1))?;
+        }
+        let fixed = ["/tmp", "/dev", "/proc", "/root"];
+        for dir in plan.mounts.iter().skip(attached).map(String::as_str).chain(fixed) {
             fs::create_dir_all(in_root(dir))?;
         }
         // The sandbox root's home: private to it, like any /root.
         fs::set_permissions(in_root("/root"), fs::Permissions::from_mode(0o700))?;
         for (path, target) in &plan.symlinks {
             let link = in_root(path);
+            // A template's layers may have made the path already: theirs stays.
+            if plan.layered_root && fs::symlink_metadata(&link).is_ok() {
+                continue;
+            }
             if let Some(parent) = link.parent() {
                 fs::create_dir_all(parent)?;
             }
@@ -126,10 +150,7 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
         Ok(())
     })?;
     step("attach the template's layers", || {
-        if mounts.len() != plan.mounts.len() {
-            return Err(StepError::Plan("the number of mounts sent does not match the plan"));
-        }
-        for (tree, target) in mounts.iter().zip(&plan.mounts) {
+        for (tree, target) in mounts.iter().zip(&plan.mounts).skip(attached) {
             let target = CString::new(in_root(target).into_os_string().into_encoded_bytes())
                 .map_err(|_| StepError::Plan("a mount target contains a NUL byte"))?;
             sys::move_mount(tree.as_fd(), &target)?;
@@ -159,6 +180,10 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
         Ok(())
     })?;
     step("make the root read-only", || {
+        if plan.layered_root {
+            // A template's root is the sandbox's writable layer, as in a container.
+            return Ok(());
+        }
         let flags = MsFlags::MS_REMOUNT
             | MsFlags::MS_BIND
             | MsFlags::MS_RDONLY
@@ -208,8 +233,9 @@ const ROOT_CAPABILITIES: [Capability; 14] = [
 
 /// Runs the rest of the sequence: attaches the workspace, then drops every privilege but the
 /// sandbox root's.
-pub(crate) fn enter(plan: &SetupPlan, workspace: &OwnedFd) -> Result<(), SetupFailure> {
+pub(crate) fn enter(plan: &SetupPlan, workspace: Option<&OwnedFd>) -> Result<(), SetupFailure> {
     step("attach the workspace", || {
+        let Some(workspace) = workspace else { return Ok(()) };
         let target = CString::new(plan.workspace.as_bytes())
             .map_err(|_| StepError::Plan("the workspace path contains a NUL byte"))?;
         Ok(sys::move_mount(workspace.as_fd(), &target)?)

@@ -3,6 +3,12 @@
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsconfig_set_string, fsmount,
+    fsopen,
+};
 
 use nix::errno::Errno;
 
@@ -42,4 +48,45 @@ pub(crate) fn set_attributes(
         )
     };
     Errno::result(rc).map(drop)
+}
+
+/// A detached overlay mount (`fsopen("overlay")` + `fsmount`): `lower` (topmost first) under
+/// the writable `upper`, with `work` as overlayfs's scratch directory on the same file system.
+/// Made by the server, in the host's user namespace, so that overlayfs's `trusted.*`
+/// attributes (whiteouts, opaque directories) work; it is attached nowhere on the host.
+pub(crate) fn overlay(lower: &[&Path], upper: &Path, work: &Path) -> nix::Result<OwnedFd> {
+    let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
+    let context = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(errno)?;
+    // One layer at a time (Linux 6.8+), or all in one `:`-separated option before that.
+    let mut one_by_one = true;
+    for layer in lower {
+        match fsconfig_set_string(&context, "lowerdir+", *layer) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::INVAL) if layer == &lower[0] => {
+                one_by_one = false;
+                break;
+            }
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    if !one_by_one {
+        let mut joined = Vec::new();
+        for (i, layer) in lower.iter().enumerate() {
+            let bytes = layer.as_os_str().as_encoded_bytes();
+            // The option separates layers with `:` and options with `,`.
+            if bytes.iter().any(|b| matches!(b, b':' | b',')) {
+                return Err(Errno::EINVAL);
+            }
+            if i > 0 {
+                joined.push(b':');
+            }
+            joined.extend_from_slice(bytes);
+        }
+        fsconfig_set_string(&context, "lowerdir", joined.as_slice()).map_err(errno)?;
+    }
+    fsconfig_set_string(&context, "upperdir", upper).map_err(errno)?;
+    fsconfig_set_string(&context, "workdir", work).map_err(errno)?;
+    fsconfig_create(&context).map_err(errno)?;
+    let attributes = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    fsmount(&context, FsMountFlags::FSMOUNT_CLOEXEC, attributes).map_err(errno)
 }

@@ -52,6 +52,9 @@ pub struct App {
     workspace_limits: Option<Arc<WorkspaceLimits>>,
     #[cfg(feature = "native")]
     native: Option<Arc<soulbox_native::NativeBackend>>,
+    /// The templates built from Dockerfiles, for a server with the native tier.
+    #[cfg(feature = "native")]
+    templates: Option<Arc<crate::templates::Templates>>,
     #[cfg(feature = "wasm")]
     wasm: Arc<soulbox_wasm::WasmBackend>,
 }
@@ -153,6 +156,8 @@ impl App {
             workspace_limits,
             #[cfg(feature = "native")]
             native,
+            #[cfg(feature = "native")]
+            templates: None,
             #[cfg(feature = "wasm")]
             wasm,
         })
@@ -211,8 +216,38 @@ impl App {
         let tokens = crate::tokens::Tokens::open(root, None)
             .map_err(|e| anyhow::anyhow!("opening the server's secret: {e}"))?;
         self.tokens = Some(Arc::new(tokens));
+        #[cfg(feature = "native")]
+        if let Some(native) = &self.native {
+            let templates = crate::templates::Templates::open(
+                manager.store().clone(),
+                &root.join("templates"),
+                native.tier().clone(),
+                Vec::new(),
+            )
+            .map_err(|e| anyhow::anyhow!("opening the templates: {e}"))?;
+            self.templates = Some(Arc::new(templates));
+        }
         self.manager = Some(manager);
         Ok(self)
+    }
+
+    /// Speaks to these registries (`host:port`) over plain HTTP when pulling images (after
+    /// [`App::with_manager`]).
+    #[cfg(feature = "native")]
+    pub fn with_insecure_registries(mut self, registries: Vec<String>) -> Self {
+        if let Some(templates) = self.templates.take() {
+            let templates = Arc::try_unwrap(templates)
+                .map(|templates| Arc::new(templates.with_insecure_registries(registries)))
+                .unwrap_or_else(|shared| shared);
+            self.templates = Some(templates);
+        }
+        self
+    }
+
+    /// The templates built from Dockerfiles, when this is a server with the native tier.
+    #[cfg(feature = "native")]
+    pub fn templates(&self) -> Option<&Arc<crate::templates::Templates>> {
+        self.templates.as_ref()
     }
 
     /// The sandbox manager, when this is a server.

@@ -75,6 +75,10 @@ enum Command {
     /// Upload, download and sync files of a sandbox.
     #[command(subcommand)]
     Files(crate::remote::FilesCommand),
+    /// Build templates from Dockerfiles; list, inspect, tag, publish and delete them.
+    #[cfg(feature = "native")]
+    #[command(subcommand)]
+    Template(crate::remote::TemplateCommand),
     /// Print a shell completion script.
     #[command(after_help = "Examples:
   soulbox completions bash > /etc/bash_completion.d/soulbox
@@ -272,6 +276,8 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Ps(args) => Ok(crate::remote::ps(args).await),
         Command::Logs(args) => Ok(crate::remote::logs(args).await),
         Command::Files(command) => Ok(crate::remote::files(command).await),
+        #[cfg(feature = "native")]
+        Command::Template(command) => Ok(crate::remote::template(command).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "soulbox", &mut std::io::stdout());

@@ -97,6 +97,12 @@ impl IntoResponse for E2bError {
     }
 }
 
+impl From<crate::server::ApiError> for E2bError {
+    fn from(error: crate::server::ApiError) -> Self {
+        Self::new(error.status(), error.message())
+    }
+}
+
 impl From<crate::admission::Refusal> for E2bError {
     fn from(refusal: crate::admission::Refusal) -> Self {
         let retry_after = Some(refusal.retry_after_secs());
@@ -367,13 +373,25 @@ async fn create(
     let manager = manager(&app)?;
     let request: NewSandbox = body(&bytes)?;
     request.check_supported()?;
-    let template = TEMPLATES.iter().find(|(name, ..)| *name == request.template_id);
-    let Some(&(_, tier, first_language)) = template else {
-        let known = TEMPLATES.map(|(name, ..)| name).join(", ");
-        let message = format!("template '{}' not found (templates: {known})", request.template_id);
-        return Err(E2bError::new(StatusCode::NOT_FOUND, message));
+    let builtin = TEMPLATES.iter().find(|(name, ..)| *name == request.template_id);
+    let built = match builtin {
+        Some(_) => None,
+        None => built_template(&app, &principal.team, &request.template_id)?,
+    };
+    let (tier, first_language) = match (builtin, &built) {
+        (Some(&(_, tier, first_language)), _) => (tier, first_language),
+        (None, Some(_)) => (TierPreference::Native, None),
+        (None, None) => {
+            let known = TEMPLATES.map(|(name, ..)| name).join(", ");
+            let message = format!(
+                "template '{}' not found (SoulBox's: {known}; your team's: `soulbox template list`)",
+                request.template_id
+            );
+            return Err(E2bError::new(StatusCode::NOT_FOUND, message));
+        }
     };
     let mut create = CreateSandbox::new(request.template_id.clone());
+    create.image = built.as_ref().map(|(image, _)| image.clone());
     create.timeout = request.timeout.map_or(DEFAULT_SANDBOX_TIMEOUT, Duration::from_secs);
     create.metadata = request.metadata;
     create.env = request.env_vars;
@@ -401,8 +419,41 @@ async fn create(
         Err(e) if e.status.is_client_error() => "refused",
         Err(_) => "failed",
     };
+    let record = created?;
+    #[cfg(feature = "native")]
+    if let Some((_, build)) = &built
+        && let Err(error) = crate::templates::start_sandbox(&app, record.id.as_str(), build).await
+    {
+        let _ = manager.kill(record.id.as_str()).await;
+        app.telemetry().sandbox_create(&template, "failed", began.elapsed().as_secs_f64());
+        return Err(error.into());
+    }
     app.telemetry().sandbox_create(&template, outcome, began.elapsed().as_secs_f64());
-    Ok(sandbox_answer(StatusCode::CREATED, &created?))
+    Ok(sandbox_answer(StatusCode::CREATED, &record))
+}
+
+/// A template the team built (or a public one): what its sandboxes start with, and its
+/// build. `None` when there is no such template.
+#[cfg(feature = "native")]
+fn built_template(
+    app: &App,
+    team: &str,
+    reference: &str,
+) -> Result<Option<(soulbox_runtime::TemplateImage, crate::templates::BuildRecord)>, E2bError> {
+    let Some(templates) = app.templates() else { return Ok(None) };
+    let Some(resolved) = templates.resolve(team, reference)? else { return Ok(None) };
+    let image = templates.sandbox_image(&resolved.build)?;
+    Ok(Some((image, resolved.build)))
+}
+
+/// Without the native tier there are no built templates.
+#[cfg(not(feature = "native"))]
+fn built_template(
+    _app: &App,
+    _team: &str,
+    _reference: &str,
+) -> Result<Option<(soulbox_runtime::TemplateImage, ())>, E2bError> {
+    Ok(None)
 }
 
 /// Makes the sandbox, with a warm kernel of `language` (its template's first) when one waits:

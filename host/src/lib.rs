@@ -15,5 +15,7 @@ pub mod quotas;
 mod remote;
 pub mod server;
 pub mod telemetry;
+#[cfg(feature = "native")]
+pub mod templates;
 pub mod terminal;
 pub mod tokens;

@@ -18,6 +18,11 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+#[cfg(feature = "native")]
+mod templates;
+#[cfg(feature = "native")]
+pub(crate) use templates::{TemplateCommand, template};
+
 /// The server when none is named.
 const DEFAULT_API_URL: &str = "http://127.0.0.1:3000";
 

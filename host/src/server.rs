@@ -48,6 +48,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/quotas/{team}", get(get_quota).put(set_quota))
         .merge(crate::e2b::routes())
+        .merge(template_routes())
         .merge(crate::terminal::authenticated_routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
@@ -61,6 +62,14 @@ pub fn router(app: App) -> Router {
         .layer(axum::middleware::from_fn_with_state(data_plane, crate::envd::route))
         // Outermost: every request in a span of its own.
         .layer(axum::middleware::from_fn(trace_request))
+}
+
+/// The templates API, with the native tier that builds them.
+fn template_routes() -> Router<App> {
+    #[cfg(feature = "native")]
+    return crate::templates::routes();
+    #[cfg(not(feature = "native"))]
+    Router::new()
 }
 
 /// Requests slower than this (to their answer's head) are logged at `info`.
@@ -586,6 +595,16 @@ pub struct ApiError {
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    /// What went wrong, for people.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -259,7 +259,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Resul
 }
 
 /// The configuration's diff ids and what SoulBox uses of it, from its JSON.
-fn read_config(bytes: &[u8]) -> Result<(Vec<String>, ImageConfig), ImageError> {
+pub(crate) fn read_config(bytes: &[u8]) -> Result<(Vec<String>, ImageConfig), ImageError> {
     let config: ImageConfiguration = parse_json(bytes, "the image configuration")?;
     Ok((config.rootfs().diff_ids().clone(), ImageConfig::from_oci(&config)))
 }
@@ -477,4 +477,75 @@ fn append_upper<W: Write>(
         }
     }
     Ok(())
+}
+
+/// Copies what `layers` (lowest first) hold under `home/user` into `workspace`, honouring
+/// whiteouts and opaque directories, so that a sandbox made from a template finds in its
+/// workspace what the build put in the user's home. Ids become the workspace's: the
+/// sandbox user's files belong to the server's user on disk (the workspace's idmapped mount
+/// shows them as the sandbox user's), others keep their ids.
+pub fn seed_home(layers: &[PathBuf], workspace: &Path) -> io::Result<()> {
+    for layer in layers {
+        let home = layer.join("home/user");
+        if home.is_dir() {
+            merge_dir(&home, workspace)?;
+        }
+    }
+    Ok(())
+}
+
+fn merge_dir(from: &Path, to: &Path) -> io::Result<()> {
+    if xattr::get(from, "trusted.overlay.opaque").ok().flatten().as_deref() == Some(b"y") {
+        // An opaque directory hides what lower layers had there.
+        for entry in fs::read_dir(to)? {
+            remove_any(&entry?.path())?;
+        }
+    }
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let metadata = fs::symlink_metadata(&source)?;
+        let kind = metadata.file_type();
+        if kind.is_char_device() && metadata.rdev() == 0 {
+            remove_any(&target)?;
+            continue;
+        }
+        if kind.is_dir() {
+            if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                remove_any(&target)?;
+                fs::create_dir(&target)?;
+            }
+            merge_dir(&source, &target)?;
+        } else if kind.is_symlink() {
+            remove_any(&target)?;
+            std::os::unix::fs::symlink(fs::read_link(&source)?, &target)?;
+        } else if kind.is_file() {
+            remove_any(&target)?;
+            fs::copy(&source, &target)?;
+        } else {
+            continue;
+        }
+        let owner = |id: u32| {
+            if id == SANDBOX_UID_BASE + crate::rootfs::SANDBOX_UID { 0 } else { id }
+        };
+        std::os::unix::fs::lchown(
+            &target,
+            Some(owner(metadata.uid())),
+            Some(owner(metadata.gid())),
+        )?;
+        if !kind.is_symlink() {
+            fs::set_permissions(&target, fs::Permissions::from_mode(metadata.mode() & 0o7777))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }

@@ -100,6 +100,7 @@ pub mod image;
 pub mod layers;
 pub mod pool;
 mod protocol;
+pub mod registry;
 mod rootfs;
 mod sandbox;
 pub mod seccomp;

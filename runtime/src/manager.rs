@@ -631,6 +631,11 @@ impl SandboxManager {
         load
     }
 
+    /// The records of the live sandboxes (running or paused), in no order.
+    pub fn live_records(&self) -> Vec<SandboxRecord> {
+        self.lock().values().map(|entry| entry.record.clone()).collect()
+    }
+
     /// The live sandboxes counted by `key` of their records (for metrics).
     pub fn count_by<K: Ord>(&self, key: impl Fn(&SandboxRecord) -> K) -> BTreeMap<K, usize> {
         let mut counts = BTreeMap::new();

@@ -13,18 +13,6 @@ use soulbox_native::{
 use soulbox_runtime::SandboxUser;
 use tokio::io::AsyncReadExt;
 
-const DOCKERFILE: &str = r#"FROM busybox
-ARG GREETING=hello
-ENV APP_HOME=/app MESSAGE="$GREETING world"
-WORKDIR $APP_HOME
-COPY greeting.txt ./
-COPY --chown=user conf/ ./conf/
-RUN echo "$MESSAGE" > /app/out.txt && rm /bin/vi && mkdir -p /home/user/.cache && echo kept > /home/user/.cache/x && chown -R 1000:1000 /home/user/.cache
-USER user
-RUN id -u > /home/user/uid.txt && ls -ln /app/conf/settings.ini > /home/user/owner.txt
-CMD ["/bin/sh", "-c", "echo started > /home/user/started"]
-"#;
-
 struct Setup {
     builder: Builder,
     base: BuiltImage,
@@ -43,9 +31,7 @@ fn setup() -> Option<Setup> {
     let builder =
         Builder::new(native.tier().clone(), store, dir.path().join("builds")).expect("builder");
     let context = tempfile::tempdir().expect("context");
-    std::fs::write(context.path().join("greeting.txt"), "hi from the context\n").expect("write");
-    std::fs::create_dir(context.path().join("conf")).expect("conf");
-    std::fs::write(context.path().join("conf/settings.ini"), "a=1\n").expect("write");
+    soulbox_tests::write_template_context(context.path());
     Some(Setup { builder, base, context, _dir: dir })
 }
 
@@ -98,7 +84,9 @@ async fn run_in(
 #[tokio::test]
 async fn a_dockerfile_builds_into_layers_that_a_sandbox_runs_on() {
     let Some(setup) = setup() else { return };
-    let (built, events) = build(&setup, DOCKERFILE, &BuildOptions::default()).await;
+    let (built, events) =
+        build(&setup, &soulbox_tests::template_dockerfile("busybox"), &BuildOptions::default())
+            .await;
     let image = built.expect("the build succeeds");
     // FROM's layer, WORKDIR's directory, two COPYs and two RUNs.
     assert_eq!(image.layers.len(), setup.base.layers.len() + 5, "{events:?}");
@@ -145,7 +133,9 @@ async fn a_dockerfile_builds_into_layers_that_a_sandbox_runs_on() {
 
     // An unchanged Dockerfile rebuilds from the cache: no RUN runs, the same layers.
     let began = std::time::Instant::now();
-    let (rebuilt, events) = build(&setup, DOCKERFILE, &BuildOptions::default()).await;
+    let (rebuilt, events) =
+        build(&setup, &soulbox_tests::template_dockerfile("busybox"), &BuildOptions::default())
+            .await;
     let rebuilt = rebuilt.expect("the rebuild succeeds");
     assert_eq!(rebuilt, image);
     let cached = events.iter().filter(|e| matches!(e, BuildEvent::Cached { .. })).count();
@@ -158,7 +148,8 @@ async fn a_dockerfile_builds_into_layers_that_a_sandbox_runs_on() {
         build_args: [("GREETING".to_owned(), "bonjour".to_owned())].into(),
         ..BuildOptions::default()
     };
-    let (changed, events) = build(&setup, DOCKERFILE, &options).await;
+    let (changed, events) =
+        build(&setup, &soulbox_tests::template_dockerfile("busybox"), &options).await;
     let changed = changed.expect("the build succeeds");
     assert_eq!(changed.config.env_value("MESSAGE"), Some("bonjour world"));
     assert!(!events.iter().any(|e| matches!(e, BuildEvent::Cached { .. })), "{events:?}");

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use soulbox_tests::serve_with_manager;
 
 /// The Pythons with the SDKs (pinned, newest), or why there is none.
-fn sdk_pythons() -> Result<Vec<PathBuf>, String> {
+pub(crate) fn sdk_pythons() -> Result<Vec<PathBuf>, String> {
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let candidates: Vec<PathBuf> = match std::env::var_os("SOULBOX_E2B_PYTHON") {
         Some(python) => vec![PathBuf::from(python)],

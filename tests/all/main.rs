@@ -19,5 +19,7 @@ mod native;
 mod native_escape;
 mod packs;
 mod plugin;
+mod registry;
+mod templates;
 mod terminal;
 mod warm;

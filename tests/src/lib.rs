@@ -223,7 +223,8 @@ pub async fn serve_setup(
 }
 
 /// A small OCI image layout at `dir`, tagged `latest`: Debian's static busybox with its
-/// applets as links in `/bin`, an `/etc/passwd`, `PATH=/bin`. Made with `umoci`, as a user
+/// applets as links in `/bin`, the host's `/bin/bash` with the libraries it links (the E2B
+/// SDK runs commands with `/bin/bash`), an `/etc/passwd`, `PATH=/bin`. Made with `umoci`, as a user
 /// would pack a base image by hand. `None`, with the reason printed, when `umoci` or
 /// `busybox-static` is missing (`.ci/run` installs both).
 pub fn busybox_image(dir: &Path) -> Option<PathBuf> {
@@ -255,6 +256,16 @@ pub fn busybox_image(dir: &Path) -> Option<PathBuf> {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("link");
         }
     }
+    std::fs::remove_file(rootfs.join("bin/bash")).ok();
+    std::fs::copy("/bin/bash", rootfs.join("bin/bash")).expect("copy bash");
+    let linked = std::process::Command::new("ldd").arg("/bin/bash").output().expect("ldd");
+    for library in String::from_utf8_lossy(&linked.stdout).split_whitespace() {
+        if library.starts_with('/') {
+            let inside = rootfs.join(library.trim_start_matches('/'));
+            std::fs::create_dir_all(inside.parent().expect("a parent")).expect("lib dir");
+            std::fs::copy(library, &inside).expect("copy a library");
+        }
+    }
     std::fs::write(
         rootfs.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
@@ -263,4 +274,31 @@ pub fn busybox_image(dir: &Path) -> Option<PathBuf> {
     umoci(&["repack", "--image", &image, &bundle.to_string_lossy()]);
     umoci(&["config", "--image", &image, "--config.env", "PATH=/bin", "--config.cmd", "/bin/sh"]);
     Some(layout)
+}
+
+/// A Dockerfile from `from` that uses every instruction a template build runs: `ARG`, `ENV`
+/// (with substitution), `WORKDIR`, `COPY` (with `--chown`), `RUN` as root (writing, deleting
+/// a base file, filling the user's home) and as the user, `CMD` as the start command. Its
+/// context is [`write_template_context`]'s.
+pub fn template_dockerfile(from: &str) -> String {
+    format!(
+        r#"FROM {from}
+ARG GREETING=hello
+ENV APP_HOME=/app MESSAGE="$GREETING world"
+WORKDIR $APP_HOME
+COPY greeting.txt ./
+COPY --chown=user conf/ ./conf/
+RUN echo "$MESSAGE" > /app/out.txt && rm /bin/vi && mkdir -p /home/user/.cache && echo kept > /home/user/.cache/x && chown -R 1000:1000 /home/user/.cache
+USER user
+RUN id -u > /home/user/uid.txt && ls -ln /app/conf/settings.ini > /home/user/owner.txt
+CMD ["/bin/sh", "-c", "echo started > /home/user/started"]
+"#
+    )
+}
+
+/// Writes the files [`template_dockerfile`] copies into `context`.
+pub fn write_template_context(context: &Path) {
+    std::fs::write(context.join("greeting.txt"), "hi from the context\n").expect("write");
+    std::fs::create_dir_all(context.join("conf")).expect("conf");
+    std::fs::write(context.join("conf/settings.ini"), "a=1\n").expect("write");
 }

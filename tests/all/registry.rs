@@ -1,0 +1,410 @@
+//! Pulling images from a registry (`native-fallback/src/registry.rs`) against a real one:
+//! Debian's `docker-registry` serving on a free loopback port, with images pushed to it by
+//! `skopeo` from the busybox OCI layout of `soulbox_tests::busybox_image`.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use soulbox_native::image::{LayerStore, StoredImage, import_oci_layout, sha256_digest};
+use soulbox_native::registry::{RegistryAuth, RegistryError, pull};
+
+const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
+/// How long a registry may take to answer its first request.
+const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The user of the registries that ask for credentials.
+const USER: &str = "soulbox";
+/// Its password.
+const PASSWORD: &str = "registry-secret";
+/// The registry's htpasswd line for [`USER`]: the bcrypt hash (cost 4) of [`PASSWORD`],
+/// made once (`crypt.crypt` with `METHOD_BLOWFISH`), so that the test needs no htpasswd tool.
+const HTPASSWD: &str = "soulbox:$2b$04$Vu5QTy/45l8rlhcbEKyBUOXgMy6yFJMj6IYgwV5c6GO5s0URW10JW";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// A `docker-registry` serving on 127.0.0.1, killed when dropped.
+struct Registry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    address: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry, asking for [`USER`]'s credentials when `with_auth`. `None`, with the
+    /// reason printed, when `docker-registry` or `skopeo` is missing.
+    async fn start(with_auth: bool) -> Option<Self> {
+        let skopeo_missing = Command::new("skopeo").arg("--version").output().is_err();
+        if skopeo_missing || !Path::new(REGISTRY_BINARY).exists() {
+            eprintln!(
+                "SKIPPED: registry tests need docker-registry and skopeo (apt-get install docker-registry skopeo)"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let address = format!("127.0.0.1:{}", free_port());
+        let auth = if with_auth {
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{HTPASSWD}\n")).expect("htpasswd");
+            format!(
+                "auth:\n  htpasswd:\n    realm: soulbox-tests\n    path: {}\n",
+                htpasswd.display()
+            )
+        } else {
+            String::new()
+        };
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n{auth}",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("config");
+        let log = fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new(REGISTRY_BINARY)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry starts");
+        let mut registry = Self { child, address, dir };
+        registry.wait_ready().await;
+        Some(registry)
+    }
+
+    /// Waits until `GET /v2/` answers (200, or 401 when it asks for credentials).
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("registry status") {
+                panic!("docker-registry exited ({status}): {}", self.log());
+            }
+            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
+                let url = format!("http://{}/v2/", self.address);
+                let (status, _, _) = soulbox_tests::http_request_with("GET", &url, &[], None).await;
+                assert!(status == 200 || status == 401, "GET /v2/ answered {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "docker-registry did not start: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// The full reference of `image` (`repository:tag`) in this registry.
+    fn reference(&self, image: &str) -> String {
+        format!("{}/{image}", self.address)
+    }
+
+    /// The registries to speak plain HTTP to: this one.
+    fn insecure(&self) -> Vec<String> {
+        vec![self.address.clone()]
+    }
+
+    /// Pushes the image tagged `latest` of the OCI layout `layout` as `image`, with `skopeo`
+    /// (`extra` are more of its `copy` options).
+    fn push(&self, layout: &Path, image: &str, extra: &[&str]) {
+        let output = Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}", self.reference(image)))
+            .output()
+            .expect("skopeo runs");
+        assert!(
+            output.status.success(),
+            "skopeo copy to {image} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The manifest of `image` (`repository:tag`) with `accept`: its bytes and content type.
+    async fn manifest(&self, repository: &str, tag: &str, accept: &str) -> (Vec<u8>, String) {
+        let url = format!("http://{}/v2/{repository}/manifests/{tag}", self.address);
+        let (status, headers, body) =
+            soulbox_tests::http_request_with("GET", &url, &[("accept", accept)], None).await;
+        assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (body, content_type)
+    }
+
+    /// Stores the image index `index` as `repository:tag`.
+    async fn put_index(&self, repository: &str, tag: &str, index: &serde_json::Value) {
+        let url = format!("http://{}/v2/{repository}/manifests/{tag}", self.address);
+        let body = serde_json::to_vec(index).expect("json");
+        let (status, _, answer) = soulbox_tests::http_request_with(
+            "PUT",
+            &url,
+            &[("content-type", OCI_INDEX)],
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201, "PUT {url}: {}", String::from_utf8_lossy(&answer));
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on (at the moment it is returned).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// A registry holding the busybox image as `tests/busybox:latest`, and that image's OCI
+/// layout; `None` (the reason printed) when a tool is missing.
+async fn registry_with_busybox(dir: &Path, with_auth: bool) -> Option<(Registry, PathBuf)> {
+    let registry = Registry::start(with_auth).await?;
+    let layout = soulbox_tests::busybox_image(dir)?;
+    let credentials = format!("--dest-creds={USER}:{PASSWORD}");
+    let extra: &[&str] = if with_auth { &[&credentials] } else { &[] };
+    registry.push(&layout, "tests/busybox:latest", extra);
+    Some((registry, layout))
+}
+
+/// The image as the OCI layout itself imports it, in a store of its own.
+fn imported_from_layout(layout: &Path) -> StoredImage {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LayerStore::open(dir.path()).expect("store");
+    import_oci_layout(&store, layout, Some("latest"), &mut |_| {}).expect("the layout imports")
+}
+
+/// Pulls `reference` anonymously from `registry` into `store`; the result and the progress.
+async fn pull_from(
+    registry: &Registry,
+    store: &LayerStore,
+    reference: &str,
+) -> (Result<StoredImage, RegistryError>, Vec<String>) {
+    let mut lines = Vec::new();
+    let result = pull(
+        store,
+        &registry.reference(reference),
+        &RegistryAuth::Anonymous,
+        &registry.insecure(),
+        &mut |line: &str| lines.push(line.to_owned()),
+    )
+    .await;
+    (result, lines)
+}
+
+/// The host's architecture as image indexes name it.
+fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+#[tokio::test]
+async fn a_pushed_image_pulls_as_its_layout_imports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((registry, layout)) = registry_with_busybox(dir.path(), false).await else { return };
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+
+    let (pulled, progress) = pull_from(&registry, &store, "tests/busybox:latest").await;
+    let pulled = pulled.expect("the image pulls");
+    let expected = imported_from_layout(&layout);
+    assert_eq!(pulled.layers, expected.layers);
+    assert_eq!(pulled.config, expected.config);
+    assert_eq!(pulled.config.env_value("PATH"), Some("/bin"));
+    assert!(pulled.layers.iter().all(|layer| store.contains(layer)), "layers stored");
+    let busybox = store.path(&pulled.layers[0]).expect("path").join("bin/busybox");
+    assert!(busybox.is_file(), "the layer is unpacked: {}", busybox.display());
+    assert_eq!(progress.len(), pulled.layers.len(), "one line per layer: {progress:?}");
+    assert!(progress.iter().all(|line| line.ends_with("(pulled)")), "{progress:?}");
+    assert!(progress[0].starts_with("layer 1/1: sha256:"), "{progress:?}");
+
+    // Layers are shared: a second pull downloads nothing.
+    let (again, progress) = pull_from(&registry, &store, "tests/busybox:latest").await;
+    assert_eq!(again.expect("the image pulls again"), pulled);
+    assert!(progress.iter().all(|line| line.ends_with("(stored)")), "{progress:?}");
+}
+
+#[tokio::test]
+async fn a_docker_schema_2_image_pulls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((registry, layout)) = registry_with_busybox(dir.path(), false).await else { return };
+    registry.push(&layout, "tests/busybox:docker", &["--format=v2s2"]);
+    let (_, content_type) = registry.manifest("tests/busybox", "docker", DOCKER_MANIFEST).await;
+    assert_eq!(content_type, DOCKER_MANIFEST, "the registry holds a Docker schema 2 manifest");
+
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+    let (pulled, _) = pull_from(&registry, &store, "tests/busybox:docker").await;
+    let pulled = pulled.expect("the image pulls");
+    let expected = imported_from_layout(&layout);
+    assert_eq!(pulled.layers, expected.layers);
+    assert_eq!(pulled.config.env_value("PATH"), Some("/bin"));
+}
+
+#[tokio::test]
+async fn an_image_index_resolves_to_the_hosts_platform() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((registry, layout)) = registry_with_busybox(dir.path(), false).await else { return };
+    // A second image, told apart by its configuration, stands for the other platforms.
+    let other = dir.path().join("other-oci");
+    let copied = Command::new("cp").arg("-a").arg(&layout).arg(&other).status().expect("cp");
+    assert!(copied.success());
+    let image = format!("{}:latest", other.display());
+    let configured = Command::new("umoci")
+        .args(["config", "--image", &image, "--config.env", "MARKER=other-platform"])
+        .status()
+        .expect("umoci");
+    assert!(configured.success());
+    registry.push(&other, "tests/busybox:other", &[]);
+
+    let entry = |tag_manifest: &(Vec<u8>, String), os: &str, architecture: &str| {
+        serde_json::json!({
+            "mediaType": OCI_MANIFEST,
+            "digest": sha256_digest(&tag_manifest.0),
+            "size": tag_manifest.0.len(),
+            "platform": { "architecture": architecture, "os": os },
+        })
+    };
+    let host = host_architecture();
+    let foreign = if host == "s390x" { "ppc64le" } else { "s390x" };
+    let ours = registry.manifest("tests/busybox", "latest", OCI_MANIFEST).await;
+    let theirs = registry.manifest("tests/busybox", "other", OCI_MANIFEST).await;
+    let index = |entries: Vec<serde_json::Value>| serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
+    // The host's entry comes last, after one for another architecture and one for Windows.
+    let multi = index(vec![
+        entry(&theirs, "linux", foreign),
+        entry(&theirs, "windows", host),
+        entry(&ours, "linux", host),
+    ]);
+    registry.put_index("tests/busybox", "multi", &multi).await;
+    registry
+        .put_index("tests/busybox", "foreign", &index(vec![entry(&theirs, "linux", foreign)]))
+        .await;
+
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+    let (pulled, _) = pull_from(&registry, &store, "tests/busybox:multi").await;
+    let pulled = pulled.expect("the image pulls");
+    assert_eq!(pulled.config.env_value("MARKER"), None, "the host's image was chosen");
+    assert_eq!(pulled.config.env_value("PATH"), Some("/bin"));
+    assert_eq!(pulled.layers, imported_from_layout(&layout).layers);
+
+    let (refused, _) = pull_from(&registry, &store, "tests/busybox:foreign").await;
+    let error = refused.expect_err("no image for this host");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::NoPlatform { .. }), "{error:?}");
+    assert!(message.contains(&format!("linux/{host}")), "{message}");
+    assert!(message.contains("tests/busybox:foreign"), "{message}");
+}
+
+#[tokio::test]
+async fn missing_images_are_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((registry, _layout)) = registry_with_busybox(dir.path(), false).await else { return };
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+    for image in ["tests/busybox:no-such-tag", "tests/no-such-repository:latest"] {
+        let (result, _) = pull_from(&registry, &store, image).await;
+        let error = result.expect_err("nothing to pull");
+        let message = error.to_string();
+        assert!(matches!(error, RegistryError::NotFound { .. }), "{error:?}");
+        let expected = format!("image `{image}` not found in registry `{}`", registry.address);
+        assert!(message.contains(&expected), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LayerStore::open(dir.path()).expect("store");
+    let address = format!("127.0.0.1:{}", free_port());
+    let result = pull(
+        &store,
+        &format!("{address}/tests/busybox:latest"),
+        &RegistryAuth::Anonymous,
+        &[address.clone()],
+        &mut |_| {},
+    )
+    .await;
+    let error = result.expect_err("nothing listens");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::Unreachable { .. }), "{error:?}");
+    assert!(message.contains(&format!("cannot reach registry `{address}`")), "{message}");
+    assert!(message.contains("Connection refused"), "the cause is said: {message}");
+    assert!(message.contains("check the registry's address"), "{message}");
+}
+
+#[tokio::test]
+async fn a_plain_http_registry_not_listed_insecure_is_unreachable() {
+    let Some(registry) = Registry::start(false).await else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LayerStore::open(dir.path()).expect("store");
+    let result = pull(
+        &store,
+        &registry.reference("tests/busybox:latest"),
+        &RegistryAuth::Anonymous,
+        &[],
+        &mut |_| {},
+    )
+    .await;
+    let error = result.expect_err("HTTPS to a plain HTTP registry");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::Unreachable { .. }), "{error:?}");
+    assert!(message.contains("must be listed as insecure"), "{message}");
+}
+
+#[tokio::test]
+async fn a_malformed_reference_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LayerStore::open(dir.path()).expect("store");
+    for reference in ["", "Not A Reference!", "Busybox:latest", "busybox@sha256:abc", "busybox:"] {
+        let result = pull(&store, reference, &RegistryAuth::Anonymous, &[], &mut |_| {}).await;
+        let error = result.expect_err("a bad reference");
+        let message = error.to_string();
+        assert!(matches!(error, RegistryError::BadReference { .. }), "{reference}: {error:?}");
+        assert!(message.contains(&format!("`{reference}` is not an image reference")), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn registry_credentials_are_required_and_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((registry, layout)) = registry_with_busybox(dir.path(), true).await else { return };
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+    let reference = registry.reference("tests/busybox:latest");
+    let pull_as = |auth: RegistryAuth| {
+        let (store, reference, insecure) = (store.clone(), reference.clone(), registry.insecure());
+        async move { pull(&store, &reference, &auth, &insecure, &mut |_| {}).await }
+    };
+
+    let error = pull_as(RegistryAuth::Anonymous).await.expect_err("credentials required");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::CredentialsRequired { .. }), "{error:?}");
+    assert!(message.contains("give a user name and password"), "{message}");
+
+    let wrong =
+        RegistryAuth::Basic { username: USER.to_owned(), password: "not-the-password".to_owned() };
+    let error = pull_as(wrong).await.expect_err("wrong password");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::CredentialsRefused { .. }), "{error:?}");
+    assert!(message.contains("check the user name and password"), "{message}");
+    assert!(!message.contains("not-the-password"), "the password is never shown: {message}");
+
+    let right = RegistryAuth::Basic { username: USER.to_owned(), password: PASSWORD.to_owned() };
+    assert!(!format!("{right:?}").contains(PASSWORD), "Debug hides the password");
+    let pulled = pull_as(right).await.expect("the image pulls with credentials");
+    assert_eq!(pulled.layers, imported_from_layout(&layout).layers);
+}

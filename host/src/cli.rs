@@ -208,6 +208,10 @@ struct ServeArgs {
     /// How long a client may take to send a request's headers (or keep an idle connection).
     #[arg(long, env = "SOULBOX_HEADER_TIMEOUT", default_value = "30s", value_name = "DURATION")]
     header_timeout: humantime::Duration,
+    /// A registry (HOST:PORT) that template builds pull from over plain HTTP instead of
+    /// HTTPS (repeatable; for a registry on a private network or loopback).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
 }
 
 impl ServeArgs {
@@ -582,6 +586,8 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => app,
     };
     let app = app.with_admission(args.admission()).with_warm_kernels(args.warm_kernels);
+    #[cfg(feature = "native")]
+    let app = app.with_insecure_registries(args.insecure_registries.clone());
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
             .iter()

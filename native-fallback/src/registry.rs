@@ -155,6 +155,12 @@ pub enum RegistryError {
         /// What it said.
         message: String,
     },
+    /// The HTTP client could not be made (its TLS setup failed).
+    #[error("cannot make an HTTP client for registries: {cause}")]
+    Client {
+        /// Why.
+        cause: String,
+    },
     /// A layer could not be stored, or does not have the content its image declares.
     #[error("storing image `{image}`: {source}")]
     Store {
@@ -185,13 +191,15 @@ pub async fn pull(
         reason: e.to_string(),
     })?;
     let target = Target::new(&parsed, auth);
-    let client = Client::new(ClientConfig {
+    // `Client::new` would fall back to a default configuration (HTTPS everywhere) on error.
+    let client = Client::try_from(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
         platform_resolver: Some(Box::new(host_platform_resolver)),
         connect_timeout: Some(CONNECT_TIMEOUT),
         read_timeout: Some(READ_TIMEOUT),
         ..ClientConfig::default()
-    });
+    })
+    .map_err(|e| RegistryError::Client { cause: error_chain(&e) })?;
     let (manifest, _digest) = client
         .pull_image_manifest(&parsed, &auth.to_client())
         .await

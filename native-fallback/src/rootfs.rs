@@ -57,11 +57,12 @@ const READONLY_PROC_PATHS: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigge
 /// What of the host's `/etc` a sandbox sees (entries missing on the host are skipped; names
 /// ending in `*` are prefixes). Nothing with secrets or host identity: no `shadow`,
 /// `machine-id`, `hostname`, `ssh`, `resolv.conf`.
-const ETC_ALLOWED: [&str; 27] = [
+const ETC_ALLOWED: [&str; 28] = [
     "alternatives",
     "bash.bashrc",
     "ca-certificates",
     "ca-certificates.conf",
+    "chromium*",
     "debian_version",
     "fonts",
     "gai.conf",

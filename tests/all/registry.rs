@@ -233,6 +233,8 @@ async fn a_pushed_image_pulls_as_its_layout_imports() {
     assert_eq!(progress.len(), pulled.layers.len(), "one line per layer: {progress:?}");
     assert!(progress.iter().all(|line| line.ends_with("(pulled)")), "{progress:?}");
     assert!(progress[0].starts_with("layer 1/1: sha256:"), "{progress:?}");
+    let leftovers: Vec<_> = fs::read_dir(dir.path().join("store/tmp")).expect("tmp").collect();
+    assert!(leftovers.is_empty(), "downloads are removed: {leftovers:?}");
 
     // Layers are shared: a second pull downloads nothing.
     let (again, progress) = pull_from(&registry, &store, "tests/busybox:latest").await;
@@ -335,7 +337,7 @@ async fn an_unreachable_registry_is_reported() {
         &store,
         &format!("{address}/tests/busybox:latest"),
         &RegistryAuth::Anonymous,
-        &[address.clone()],
+        std::slice::from_ref(&address),
         &mut |_| {},
     )
     .await;

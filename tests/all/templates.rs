@@ -209,3 +209,53 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
     let (status, _, _) = http_request_with("POST", &url, &[], Some(Vec::new())).await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn a_playwright_script_in_a_sandbox_clicks_a_page_served_there_and_returns_screenshots() {
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../native-fallback/templates/playwright");
+    if !Path::new("/usr/bin/chromium").exists()
+        || !template.join("node_modules/playwright-core").is_dir()
+    {
+        eprintln!(
+            "SKIPPED: the Playwright template needs Debian's chromium and `npm ci` in {} (.ci/run does both)",
+            template.display()
+        );
+        return;
+    }
+    if soulbox_tests::native_backend().is_none() {
+        return;
+    }
+    let pythons = match crate::e2b_sdk::sdk_pythons() {
+        Ok(pythons) => pythons,
+        Err(reason) => {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let (base, data, _app) = soulbox_tests::serve_app().await;
+    let (status, events) = build(&base, &template, "name=playwright").await;
+    assert_eq!(status, 200);
+    assert_eq!(last(&events)["type"], "done", "{events:?}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/playwright.py");
+    let screenshot = data.path().join("after.png");
+    let output = tokio::process::Command::new(&pythons[0])
+        .arg(&script)
+        .env("E2B_API_URL", &base)
+        .env("E2B_SANDBOX_URL", &base)
+        .env("E2B_API_KEY", TEST_API_KEY)
+        .env("TEMPLATE", "playwright")
+        .env("SCREENSHOT_OUT", &screenshot)
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{stdout}\n{stderr}");
+    eprintln!("{}", stdout.trim_end());
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+}

@@ -3,182 +3,41 @@
 //! `skopeo` from the busybox OCI layout of `soulbox_tests::busybox_image`.
 
 use std::fs;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use soulbox_native::image::{LayerStore, StoredImage, import_oci_layout, sha256_digest};
 use soulbox_native::registry::{RegistryAuth, RegistryError, pull};
+use soulbox_tests::{REGISTRY_PASSWORD, REGISTRY_USER, Registry, free_port, registry_with_busybox};
 
-const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
-/// How long a registry may take to answer its first request.
-const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// The user of the registries that ask for credentials.
-const USER: &str = "soulbox";
-/// Its password.
-const PASSWORD: &str = "registry-secret";
-/// The registry's htpasswd line for [`USER`]: the bcrypt hash (cost 4) of [`PASSWORD`],
-/// made once (`crypt.crypt` with `METHOD_BLOWFISH`), so that the test needs no htpasswd tool.
-const HTPASSWD: &str = "soulbox:$2b$04$Vu5QTy/45l8rlhcbEKyBUOXgMy6yFJMj6IYgwV5c6GO5s0URW10JW";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// A `docker-registry` serving on 127.0.0.1, killed when dropped.
-struct Registry {
-    child: Child,
-    /// `127.0.0.1:<port>`.
-    address: String,
-    dir: tempfile::TempDir,
+/// The manifest of `image` (`repository:tag`) with `accept`: its bytes and content type.
+async fn manifest(
+    registry: &Registry,
+    repository: &str,
+    tag: &str,
+    accept: &str,
+) -> (Vec<u8>, String) {
+    let url = format!("http://{}/v2/{repository}/manifests/{tag}", registry.address);
+    let (status, headers, body) =
+        soulbox_tests::http_request_with("GET", &url, &[("accept", accept)], None).await;
+    assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+    let content_type =
+        headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    (body, content_type)
 }
 
-impl Registry {
-    /// Starts a registry, asking for [`USER`]'s credentials when `with_auth`. `None`, with the
-    /// reason printed, when `docker-registry` or `skopeo` is missing.
-    async fn start(with_auth: bool) -> Option<Self> {
-        let skopeo_missing = Command::new("skopeo").arg("--version").output().is_err();
-        if skopeo_missing || !Path::new(REGISTRY_BINARY).exists() {
-            eprintln!(
-                "SKIPPED: registry tests need docker-registry and skopeo (apt-get install docker-registry skopeo)"
-            );
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let address = format!("127.0.0.1:{}", free_port());
-        let auth = if with_auth {
-            let htpasswd = dir.path().join("htpasswd");
-            fs::write(&htpasswd, format!("{HTPASSWD}\n")).expect("htpasswd");
-            format!(
-                "auth:\n  htpasswd:\n    realm: soulbox-tests\n    path: {}\n",
-                htpasswd.display()
-            )
-        } else {
-            String::new()
-        };
-        let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n{auth}",
-                dir.path().join("storage").display()
-            ),
-        )
-        .expect("config");
-        let log = fs::File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new(REGISTRY_BINARY)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry starts");
-        let mut registry = Self { child, address, dir };
-        registry.wait_ready().await;
-        Some(registry)
-    }
-
-    /// Waits until `GET /v2/` answers (200, or 401 when it asks for credentials).
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("registry status") {
-                panic!("docker-registry exited ({status}): {}", self.log());
-            }
-            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
-                let url = format!("http://{}/v2/", self.address);
-                let (status, _, _) = soulbox_tests::http_request_with("GET", &url, &[], None).await;
-                assert!(status == 200 || status == 401, "GET /v2/ answered {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "docker-registry did not start: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// The full reference of `image` (`repository:tag`) in this registry.
-    fn reference(&self, image: &str) -> String {
-        format!("{}/{image}", self.address)
-    }
-
-    /// The registries to speak plain HTTP to: this one.
-    fn insecure(&self) -> Vec<String> {
-        vec![self.address.clone()]
-    }
-
-    /// Pushes the image tagged `latest` of the OCI layout `layout` as `image`, with `skopeo`
-    /// (`extra` are more of its `copy` options).
-    fn push(&self, layout: &Path, image: &str, extra: &[&str]) {
-        let output = Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
-            .args(extra)
-            .arg(format!("oci:{}:latest", layout.display()))
-            .arg(format!("docker://{}", self.reference(image)))
-            .output()
-            .expect("skopeo runs");
-        assert!(
-            output.status.success(),
-            "skopeo copy to {image} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    /// The manifest of `image` (`repository:tag`) with `accept`: its bytes and content type.
-    async fn manifest(&self, repository: &str, tag: &str, accept: &str) -> (Vec<u8>, String) {
-        let url = format!("http://{}/v2/{repository}/manifests/{tag}", self.address);
-        let (status, headers, body) =
-            soulbox_tests::http_request_with("GET", &url, &[("accept", accept)], None).await;
-        assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
-        let content_type = headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        (body, content_type)
-    }
-
-    /// Stores the image index `index` as `repository:tag`.
-    async fn put_index(&self, repository: &str, tag: &str, index: &serde_json::Value) {
-        let url = format!("http://{}/v2/{repository}/manifests/{tag}", self.address);
-        let body = serde_json::to_vec(index).expect("json");
-        let (status, _, answer) = soulbox_tests::http_request_with(
-            "PUT",
-            &url,
-            &[("content-type", OCI_INDEX)],
-            Some(body),
-        )
-        .await;
-        assert_eq!(status, 201, "PUT {url}: {}", String::from_utf8_lossy(&answer));
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback port nothing listens on (at the moment it is returned).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
-/// A registry holding the busybox image as `tests/busybox:latest`, and that image's OCI
-/// layout; `None` (the reason printed) when a tool is missing.
-async fn registry_with_busybox(dir: &Path, with_auth: bool) -> Option<(Registry, PathBuf)> {
-    let registry = Registry::start(with_auth).await?;
-    let layout = soulbox_tests::busybox_image(dir)?;
-    let credentials = format!("--dest-creds={USER}:{PASSWORD}");
-    let extra: &[&str] = if with_auth { &[&credentials] } else { &[] };
-    registry.push(&layout, "tests/busybox:latest", extra);
-    Some((registry, layout))
+/// Stores the image index `index` as `repository:tag`.
+async fn put_index(registry: &Registry, repository: &str, tag: &str, index: &serde_json::Value) {
+    let url = format!("http://{}/v2/{repository}/manifests/{tag}", registry.address);
+    let body = serde_json::to_vec(index).expect("json");
+    let (status, _, answer) =
+        soulbox_tests::http_request_with("PUT", &url, &[("content-type", OCI_INDEX)], Some(body))
+            .await;
+    assert_eq!(status, 201, "PUT {url}: {}", String::from_utf8_lossy(&answer));
 }
 
 /// The image as the OCI layout itself imports it, in a store of its own.
@@ -247,7 +106,7 @@ async fn a_docker_schema_2_image_pulls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some((registry, layout)) = registry_with_busybox(dir.path(), false).await else { return };
     registry.push(&layout, "tests/busybox:docker", &["--format=v2s2"]);
-    let (_, content_type) = registry.manifest("tests/busybox", "docker", DOCKER_MANIFEST).await;
+    let (_, content_type) = manifest(&registry, "tests/busybox", "docker", DOCKER_MANIFEST).await;
     assert_eq!(content_type, DOCKER_MANIFEST, "the registry holds a Docker schema 2 manifest");
 
     let store = LayerStore::open(dir.path().join("store")).expect("store");
@@ -284,8 +143,8 @@ async fn an_image_index_resolves_to_the_hosts_platform() {
     };
     let host = host_architecture();
     let foreign = if host == "s390x" { "ppc64le" } else { "s390x" };
-    let ours = registry.manifest("tests/busybox", "latest", OCI_MANIFEST).await;
-    let theirs = registry.manifest("tests/busybox", "other", OCI_MANIFEST).await;
+    let ours = manifest(&registry, "tests/busybox", "latest", OCI_MANIFEST).await;
+    let theirs = manifest(&registry, "tests/busybox", "other", OCI_MANIFEST).await;
     let index = |entries: Vec<serde_json::Value>| serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
     // The host's entry comes last, after one for another architecture and one for Windows.
     let multi = index(vec![
@@ -293,10 +152,14 @@ async fn an_image_index_resolves_to_the_hosts_platform() {
         entry(&theirs, "windows", host),
         entry(&ours, "linux", host),
     ]);
-    registry.put_index("tests/busybox", "multi", &multi).await;
-    registry
-        .put_index("tests/busybox", "foreign", &index(vec![entry(&theirs, "linux", foreign)]))
-        .await;
+    put_index(&registry, "tests/busybox", "multi", &multi).await;
+    put_index(
+        &registry,
+        "tests/busybox",
+        "foreign",
+        &index(vec![entry(&theirs, "linux", foreign)]),
+    )
+    .await;
 
     let store = LayerStore::open(dir.path().join("store")).expect("store");
     let (pulled, _) = pull_from(&registry, &store, "tests/busybox:multi").await;
@@ -397,16 +260,21 @@ async fn registry_credentials_are_required_and_checked() {
     assert!(matches!(error, RegistryError::CredentialsRequired { .. }), "{error:?}");
     assert!(message.contains("give a user name and password"), "{message}");
 
-    let wrong =
-        RegistryAuth::Basic { username: USER.to_owned(), password: "not-the-password".to_owned() };
+    let wrong = RegistryAuth::Basic {
+        username: REGISTRY_USER.to_owned(),
+        password: "not-the-password".to_owned(),
+    };
     let error = pull_as(wrong).await.expect_err("wrong password");
     let message = error.to_string();
     assert!(matches!(error, RegistryError::CredentialsRefused { .. }), "{error:?}");
     assert!(message.contains("check the user name and password"), "{message}");
     assert!(!message.contains("not-the-password"), "the password is never shown: {message}");
 
-    let right = RegistryAuth::Basic { username: USER.to_owned(), password: PASSWORD.to_owned() };
-    assert!(!format!("{right:?}").contains(PASSWORD), "Debug hides the password");
+    let right = RegistryAuth::Basic {
+        username: REGISTRY_USER.to_owned(),
+        password: REGISTRY_PASSWORD.to_owned(),
+    };
+    assert!(!format!("{right:?}").contains(REGISTRY_PASSWORD), "Debug hides the password");
     let pulled = pull_as(right).await.expect("the image pulls with credentials");
     assert_eq!(pulled.layers, imported_from_layout(&layout).layers);
 }

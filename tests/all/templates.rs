@@ -39,24 +39,35 @@ fn last(events: &[Value]) -> &Value {
     events.last().expect("at least one event")
 }
 
-/// A context with the busybox base image inside (as `busybox-oci`) and the shared
-/// Dockerfile; `None` (printed) without the tools to make the image or without the native tier.
-fn context() -> Option<tempfile::TempDir> {
+/// A context with the shared Dockerfile on `from` (and, for `oci:busybox-oci:latest`, the
+/// busybox base image inside); `None` (printed) without the tools to make the image or
+/// without the native tier.
+fn context(from: &str) -> Option<tempfile::TempDir> {
     soulbox_tests::native_backend()?;
     let context = tempfile::tempdir().expect("context");
-    soulbox_tests::busybox_image(context.path())?;
-    // The bundle umoci unpacked is not part of the context.
-    std::fs::remove_dir_all(context.path().join("busybox-bundle")).expect("remove the bundle");
+    if from.starts_with("oci:busybox-oci") {
+        soulbox_tests::busybox_image(context.path())?;
+        // The bundle umoci unpacked is not part of the context.
+        std::fs::remove_dir_all(context.path().join("busybox-bundle")).expect("remove the bundle");
+    }
     soulbox_tests::write_template_context(context.path());
-    let dockerfile = soulbox_tests::template_dockerfile("oci:busybox-oci:latest");
+    let dockerfile = soulbox_tests::template_dockerfile(from);
     std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
     Some(context)
 }
 
 #[tokio::test]
 async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
-    let Some(context) = context() else { return };
-    let (base, _data, _app) = soulbox_tests::serve_app().await;
+    // The base image comes from a registry on loopback.
+    let images = tempfile::tempdir().expect("tempdir");
+    let Some((registry, _)) = soulbox_tests::registry_with_busybox(images.path(), false).await
+    else {
+        return;
+    };
+    let Some(context) = context(&registry.reference("tests/busybox:latest")) else { return };
+    let insecure = registry.insecure();
+    let (base, _data, _app) =
+        soulbox_tests::serve_configured(|app| app.with_insecure_registries(insecure)).await;
     let (status, events) = build(&base, context.path(), "name=my-app&tag=v1").await;
     assert_eq!(status, 200, "{events:?}");
     let done = last(&events);
@@ -65,7 +76,7 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     let first_build = done["build_id"].as_str().expect("a build id").to_owned();
     assert!(
         events.iter().any(|e| e["type"] == "base"
-            && e["message"].as_str().is_some_and(|m| m.contains("unpacked"))),
+            && e["message"].as_str().is_some_and(|m| m.contains("(pulled)"))),
         "{events:?}"
     );
     assert!(
@@ -156,7 +167,7 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
 
 #[tokio::test]
 async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
-    let Some(context) = context() else { return };
+    let Some(context) = context("oci:busybox-oci:latest") else { return };
     let (base, _data, _app) = soulbox_tests::serve_app().await;
     let template = |name: &str| format!("{base}/v1/templates/{name}");
 
@@ -193,6 +204,16 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
         error["message"].as_str().is_some_and(|m| m.contains("FROM oci:missing-layout")),
         "{error}"
     );
+
+    // A registry that does not answer: a clear error naming it.
+    let nowhere = format!("127.0.0.1:{}", soulbox_tests::free_port());
+    let dockerfile = format!("FROM {nowhere}/team/app:v1\nRUN true\n");
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write");
+    let (_, events) = build(&base, context.path(), "name=unreachable").await;
+    let error = last(&events);
+    assert_eq!(error["type"], "error", "{events:?}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&nowhere) && message.contains("cannot reach"), "{message}");
 
     // Names: one of SoulBox's own, an invalid one, a missing one; an unknown parameter.
     for query in ["name=python", "name=Bad_Name", "tag=v1", "name=ok&colour=blue"] {

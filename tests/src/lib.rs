@@ -302,3 +302,148 @@ pub fn write_template_context(context: &Path) {
     std::fs::create_dir_all(context.join("conf")).expect("conf");
     std::fs::write(context.join("conf/settings.ini"), "a=1\n").expect("write");
 }
+
+const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
+/// How long a registry may take to answer its first request.
+const REGISTRY_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// The user of the registries that ask for credentials.
+pub const REGISTRY_USER: &str = "soulbox";
+/// Its password.
+pub const REGISTRY_PASSWORD: &str = "registry-secret";
+/// The registry's htpasswd line for [`REGISTRY_USER`]: the bcrypt hash (cost 4) of [`REGISTRY_PASSWORD`],
+/// made once (`crypt.crypt` with `METHOD_BLOWFISH`), so that the test needs no htpasswd tool.
+const HTPASSWD: &str = "soulbox:$2b$04$Vu5QTy/45l8rlhcbEKyBUOXgMy6yFJMj6IYgwV5c6GO5s0URW10JW";
+
+/// A `docker-registry` serving on 127.0.0.1, killed when dropped.
+#[derive(Debug)]
+pub struct Registry {
+    child: std::process::Child,
+    /// `127.0.0.1:<port>`.
+    pub address: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry, asking for [`REGISTRY_USER`]'s credentials when `with_auth`. `None`, with the
+    /// reason printed, when `docker-registry` or `skopeo` is missing.
+    pub async fn start(with_auth: bool) -> Option<Self> {
+        let skopeo_missing =
+            std::process::Command::new("skopeo").arg("--version").output().is_err();
+        if skopeo_missing || !Path::new(REGISTRY_BINARY).exists() {
+            eprintln!(
+                "SKIPPED: registry tests need docker-registry and skopeo (apt-get install docker-registry skopeo)"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let address = format!("127.0.0.1:{}", free_port());
+        let auth = if with_auth {
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{HTPASSWD}\n")).expect("htpasswd");
+            format!(
+                "auth:\n  htpasswd:\n    realm: soulbox-tests\n    path: {}\n",
+                htpasswd.display()
+            )
+        } else {
+            String::new()
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n{auth}",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = std::process::Command::new(REGISTRY_BINARY)
+            .arg("serve")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry starts");
+        let mut registry = Self { child, address, dir };
+        registry.wait_ready().await;
+        Some(registry)
+    }
+
+    /// Waits until `GET /v2/` answers (200, or 401 when it asks for credentials).
+    async fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + REGISTRY_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("registry status") {
+                panic!("docker-registry exited ({status}): {}", self.log());
+            }
+            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
+                let url = format!("http://{}/v2/", self.address);
+                let (status, _, _) = crate::http_request_with("GET", &url, &[], None).await;
+                assert!(status == 200 || status == 401, "GET /v2/ answered {status}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not start: {}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// The full reference of `image` (`repository:tag`) in this registry.
+    pub fn reference(&self, image: &str) -> String {
+        format!("{}/{image}", self.address)
+    }
+
+    /// The registries to speak plain HTTP to: this one.
+    pub fn insecure(&self) -> Vec<String> {
+        vec![self.address.clone()]
+    }
+
+    /// Pushes the image tagged `latest` of the OCI layout `layout` as `image`, with `skopeo`
+    /// (`extra` are more of its `copy` options).
+    pub fn push(&self, layout: &Path, image: &str, extra: &[&str]) {
+        let output = std::process::Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}", self.reference(image)))
+            .output()
+            .expect("skopeo runs");
+        assert!(
+            output.status.success(),
+            "skopeo copy to {image} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on (at the moment it is returned).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// A registry holding the busybox image as `tests/busybox:latest`, and that image's OCI
+/// layout; `None` (the reason printed) when a tool is missing.
+pub async fn registry_with_busybox(dir: &Path, with_auth: bool) -> Option<(Registry, PathBuf)> {
+    let registry = Registry::start(with_auth).await?;
+    let layout = crate::busybox_image(dir)?;
+    let credentials = format!("--dest-creds={REGISTRY_USER}:{REGISTRY_PASSWORD}");
+    let extra: &[&str] = if with_auth { &[&credentials] } else { &[] };
+    registry.push(&layout, "tests/busybox:latest", extra);
+    Some((registry, layout))
+}

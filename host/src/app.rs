@@ -222,7 +222,7 @@ impl App {
                 manager.store().clone(),
                 &root.join("templates"),
                 native.tier().clone(),
-                Vec::new(),
+                crate::templates::TemplateSettings::default(),
             )
             .map_err(|e| anyhow::anyhow!("opening the templates: {e}"))?;
             self.templates = Some(Arc::new(templates));
@@ -231,13 +231,12 @@ impl App {
         Ok(self)
     }
 
-    /// Speaks to these registries (`host:port`) over plain HTTP when pulling images (after
-    /// [`App::with_manager`]).
+    /// Builds templates as `settings` say (after [`App::with_manager`]).
     #[cfg(feature = "native")]
-    pub fn with_insecure_registries(mut self, registries: Vec<String>) -> Self {
+    pub fn with_template_settings(mut self, settings: crate::templates::TemplateSettings) -> Self {
         if let Some(templates) = self.templates.take() {
             let templates = Arc::try_unwrap(templates)
-                .map(|templates| Arc::new(templates.with_insecure_registries(registries)))
+                .map(|templates| Arc::new(templates.with_settings(settings)))
                 .unwrap_or_else(|shared| shared);
             self.templates = Some(templates);
         }

@@ -212,6 +212,10 @@ struct ServeArgs {
     /// HTTPS (repeatable; for a registry on a private network or loopback).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// The network of template build steps: `none` (only loopback), or `host` (the server's
+    /// own network and DNS, for `RUN apt-get install` and the like). Sandboxes never have it.
+    #[arg(long, env = "SOULBOX_BUILD_NETWORK", default_value = "none", value_parser = ["none", "host"])]
+    build_network: String,
 }
 
 impl ServeArgs {
@@ -587,7 +591,13 @@ async fn serve(app: App, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let app = app.with_admission(args.admission()).with_warm_kernels(args.warm_kernels);
     #[cfg(feature = "native")]
-    let app = app.with_insecure_registries(args.insecure_registries.clone());
+    let app = app.with_template_settings(crate::templates::TemplateSettings {
+        insecure_registries: args.insecure_registries.clone(),
+        build_network: match args.build_network.as_str() {
+            "host" => soulbox_native::SandboxNetwork::Host,
+            _ => soulbox_native::SandboxNetwork::Isolated,
+        },
+    });
     if !args.no_install {
         let missing: Vec<_> = soulbox_wasm::pack::manifest()
             .iter()

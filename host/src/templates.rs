@@ -161,14 +161,22 @@ pub struct Resolved {
 #[derive(Debug, Clone, Default)]
 struct RegistryLogin(Option<(String, String)>);
 
+/// How a server builds templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TemplateSettings {
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// The network of build steps: none, or the host's.
+    pub build_network: soulbox_native::SandboxNetwork,
+}
+
 /// The templates of a server.
 #[derive(Debug)]
 pub struct Templates {
     store: Store,
     builder: Builder,
     dir: PathBuf,
-    /// Registries spoken to over plain HTTP.
-    insecure_registries: Vec<String>,
+    settings: TemplateSettings,
     /// A place for each build running.
     builds: tokio::sync::Semaphore,
 }
@@ -179,7 +187,7 @@ impl Templates {
         store: Store,
         dir: &Path,
         tier: Arc<NativeTier>,
-        insecure_registries: Vec<String>,
+        settings: TemplateSettings,
     ) -> anyhow::Result<Self> {
         let layers = LayerStore::open(dir.join("layers"))?;
         let builder = Builder::new(tier, layers, dir.join("builds"))?;
@@ -190,14 +198,14 @@ impl Templates {
             store,
             builder,
             dir: dir.to_owned(),
-            insecure_registries,
+            settings,
             builds: tokio::sync::Semaphore::new(PARALLEL_BUILDS),
         })
     }
 
-    /// The same, speaking to `registries` (`host:port`) over plain HTTP.
-    pub fn with_insecure_registries(mut self, registries: Vec<String>) -> Self {
-        self.insecure_registries = registries;
+    /// The same, built as `settings` say.
+    pub fn with_settings(mut self, settings: TemplateSettings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -337,7 +345,7 @@ impl Templates {
                 self.layers(),
                 from,
                 &auth,
-                &self.insecure_registries,
+                &self.settings.insecure_registries,
                 progress,
             )
             .await
@@ -746,8 +754,8 @@ async fn build(
         };
         let mut events =
             |event: BuildEvent| send(serde_json::to_value(event).unwrap_or(Value::Null));
-        let built =
-            templates.builder.build(&plan, base, &context.dir, &query.options, &mut events).await;
+        let options = BuildOptions { network: templates.settings.build_network, ..query.options };
+        let built = templates.builder.build(&plan, base, &context.dir, &options, &mut events).await;
         let image = match built {
             Ok(image) => image,
             Err(BuildError::Step { line, message, output }) => {

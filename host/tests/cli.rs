@@ -801,6 +801,161 @@ fn the_cli_moves_files_and_syncs_only_what_changed() {
 }
 
 #[test]
+fn the_cli_builds_a_template_from_a_dockerfile_and_manages_it() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: template builds run in native sandboxes, which need root");
+        return;
+    }
+    // A build context with the base image inside it.
+    let context = tempfile::tempdir().expect("a build context");
+    if soulbox_tests::busybox_image(context.path()).is_none() {
+        return;
+    }
+    // The bundle umoci unpacked is not part of the context.
+    std::fs::remove_dir_all(context.path().join("busybox-bundle")).expect("remove the bundle");
+    soulbox_tests::write_template_context(context.path());
+    let dockerfile = soulbox_tests::template_dockerfile("oci:busybox-oci:latest");
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+    let context_arg = context.path().to_str().expect("UTF-8");
+
+    let data = tempfile::tempdir().expect("a data directory");
+    let mut server = Server::start(data.path());
+    let url = format!("http://127.0.0.1:{}", server.port);
+    // The CLI packs the context in its temporary directory; nothing of it may be left there.
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let soulbox_at = |url: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_soulbox"))
+            .args(args)
+            .args(["--api-url", url])
+            .env("SOULBOX_API_KEY", soulbox_tests::TEST_API_KEY)
+            .env_remove("SOULBOX_API_URL")
+            .env("HOME", data.path())
+            .env("TMPDIR", scratch.path())
+            .output()
+            .expect("soulbox runs")
+    };
+    let cli = |args: &[&str]| soulbox_at(&url, args);
+    let inspect = |name: &str| -> Value {
+        let out = cli(&["template", "inspect", name, "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+
+    // The steps on stderr, the result on stdout.
+    let out = cli(&["template", "build", "-t", "cli-app:v1", context_arg]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("Step 1/8"), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("Step ") && l.contains("(line 7): RUN echo")),
+        "{stderr}"
+    );
+    let first_build = stdout
+        .split("built cli-app:v1 (")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .filter(|id| id.starts_with("bld_"))
+        .unwrap_or_else(|| panic!("no build line: {stdout}"))
+        .to_owned();
+
+    // Unchanged, it rebuilds from the cache; --json is one event a line.
+    let out = cli(&["template", "build", "-t", "cli-app", "--json", context_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert_eq!(events.iter().filter(|e| e["type"] == "cached").count(), 2, "{events:?}");
+    let done = events.last().expect("events");
+    assert_eq!(
+        (done["type"].as_str(), done["template"].as_str(), done["tag"].as_str()),
+        (Some("done"), Some("cli-app"), Some("latest")),
+        "{done}"
+    );
+    let latest_build = done["build_id"].as_str().expect("a build id").to_owned();
+    assert_ne!(latest_build, first_build, "every build has its own id");
+    assert!(!text(&out.stderr).contains("Step "), "no text with --json: {}", text(&out.stderr));
+
+    // Listed with its tags, in a table and in JSON; inspected with both builds.
+    let out = cli(&["template", "list"]);
+    let table = text(&out.stdout);
+    assert!(out.status.success() && table.starts_with("NAME"), "{table}{}", text(&out.stderr));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("cli-app "))
+        .unwrap_or_else(|| panic!("cli-app is not listed: {table}"));
+    assert!(row.ends_with(" latest,v1"), "{row}");
+    let out = cli(&["template", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let template = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["name"] == "cli-app"))
+        .unwrap_or_else(|| panic!("cli-app is not listed: {listed}"));
+    assert_eq!(template["tags"]["v1"], first_build.as_str(), "{template}");
+    assert_eq!(template["tags"]["latest"], latest_build.as_str(), "{template}");
+    let inspected = inspect("cli-app");
+    let builds = inspected["builds"].as_array().expect("builds");
+    assert_eq!(builds.len(), 2, "{inspected}");
+    assert!(builds.iter().all(|b| b["workdir"] == "/app"), "{inspected}");
+    assert_eq!(inspected["public"], false);
+
+    // Tagged and published.
+    let out = cli(&["template", "tag", "cli-app", &first_build, "stable"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("cli-app:stable -> {first_build}\n"));
+    assert_eq!(inspect("cli-app")["tags"]["stable"], first_build.as_str());
+    let out = cli(&["template", "publish", "cli-app"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(inspect("cli-app")["public"], true);
+
+    // A failing step: its output, then its line and why (-f: a Dockerfile outside the context).
+    let elsewhere = tempfile::tempdir().expect("a directory outside the context");
+    let failing = elsewhere.path().join("failing.Dockerfile");
+    std::fs::write(&failing, "FROM oci:busybox-oci:latest\nRUN echo from-the-step; exit 4\n")
+        .expect("write");
+    let failing_arg = failing.to_str().expect("UTF-8");
+    let out = cli(&["template", "build", "-t", "cli-broken", "-f", failing_arg, context_arg]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("from-the-step") || stderr.contains("from-the-step"), "{stderr}");
+    assert!(stderr.contains("the build failed at Dockerfile line 2"), "{stderr}");
+    assert!(stderr.contains("exited with code 4"), "{stderr}");
+    // A Dockerfile the server cannot read is refused with its line.
+    std::fs::write(&failing, "FROM base\nNOPE x\n").expect("write");
+    let out = cli(&["template", "build", "-t", "cli-broken", "-f", failing_arg, context_arg]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("line 2"), "{}", text(&out.stderr));
+    let out = cli(&["template", "inspect", "cli-broken"]);
+    assert_eq!(out.status.code(), Some(1), "failed builds make no template");
+
+    // Deleted, it is gone.
+    let out = cli(&["template", "delete", "cli-app"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&["template", "inspect", "cli-app"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("404") && stderr.contains("no template cli-app"), "{stderr}");
+
+    // A malformed --build-arg is refused before the CLI sends anything: where nothing listens,
+    // the refusal is about the argument, not the connection.
+    let nowhere = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        format!("http://{}", listener.local_addr().expect("addr"))
+    };
+    let out = soulbox_at(
+        &nowhere,
+        &["template", "build", "-t", "cli-app", "--build-arg", "V", context_arg],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("NAME=VALUE") && !stderr.contains("cannot reach"), "{stderr}");
+
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).expect("read").collect();
+    assert!(left.is_empty(), "the CLI left files in its temporary directory: {left:?}");
+    server.kill();
+}
+
+#[test]
 fn completions_are_valid_scripts_for_each_shell() {
     let data = tempfile::tempdir().expect("a directory");
     let out = soulbox(data.path(), &["completions", "bash"]);

@@ -30,7 +30,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::dockerfile::{Action, BuildPlan};
 use crate::image::{ImageConfig, ImageError, LayerStore, write_upper_as_layer};
-use crate::rootfs::{LayeredRoot, ROOT_HOME, SANDBOX_HOME, SANDBOX_UID, SandboxRoot};
+use crate::rootfs::{
+    LayeredRoot, ROOT_HOME, SANDBOX_HOME, SANDBOX_UID, SandboxNetwork, SandboxRoot,
+};
 use crate::{ExitStatus, NativeError, NativeTier, ProcessSpec};
 
 /// `PATH` when the image sets none (Docker's default).
@@ -87,6 +89,8 @@ pub struct BuildOptions {
     pub disk_bytes: u64,
     /// The longest a `RUN` step may take.
     pub step_timeout: Duration,
+    /// The network of `RUN` steps: none by default; the host's where the server allows it.
+    pub network: SandboxNetwork,
 }
 
 /// Default memory of a build step: 2 GiB.
@@ -104,6 +108,7 @@ impl Default for BuildOptions {
             memory_bytes: DEFAULT_BUILD_MEMORY_BYTES,
             disk_bytes: DEFAULT_BUILD_DISK_BYTES,
             step_timeout: DEFAULT_STEP_TIMEOUT,
+            network: SandboxNetwork::Isolated,
         }
     }
 }
@@ -376,7 +381,11 @@ impl Builder {
         let user = image.build_user();
         // The tmpfs's pages are charged to the step's memory, beside its processes'.
         let memory = options.memory_bytes.saturating_add(options.disk_bytes);
-        let sandbox = self.tier.start_build_sandbox(&root, memory).await?;
+        if options.network == SandboxNetwork::Host && !image.host_system {
+            // As Docker does: the host's DNS settings for the step, not kept in its layer.
+            scratch.add_resolv_conf()?;
+        }
+        let sandbox = self.tier.start_build_sandbox(&root, options.network, memory).await?;
         let spec = ProcessSpec {
             argv: argv.to_vec(),
             env: step_environment(image, user, args),
@@ -414,6 +423,7 @@ impl Builder {
                 )));
             }
         }
+        scratch.remove_resolv_conf();
         let layer = self.store_upper(&scratch.writable().join("upper"))?;
         drop(scratch);
         Ok(layer)
@@ -532,6 +542,25 @@ impl Scratch {
 
     fn writable(&self) -> PathBuf {
         self.dir.join("rw")
+    }
+
+    /// Puts the host's `/etc/resolv.conf` in the writable layer.
+    fn add_resolv_conf(&self) -> Result<(), BuildError> {
+        let etc = self.writable().join("upper/etc");
+        fs::create_dir_all(&etc).map_err(io_error(format!("creating {}", etc.display())))?;
+        let owner = Some(crate::SANDBOX_UID_BASE);
+        std::os::unix::fs::chown(self.writable().join("upper"), owner, owner)
+            .and_then(|()| std::os::unix::fs::chown(&etc, owner, owner))
+            .and_then(|()| fs::copy("/etc/resolv.conf", etc.join("resolv.conf")).map(drop))
+            .map_err(io_error("copying the host's /etc/resolv.conf"))
+    }
+
+    /// Takes the host's `resolv.conf` out of the writable layer again (the directory stays if
+    /// the step put more in it).
+    fn remove_resolv_conf(&self) {
+        let etc = self.writable().join("upper/etc");
+        let _ = fs::remove_file(etc.join("resolv.conf"));
+        let _ = fs::remove_dir(etc);
     }
 
     /// Whether its tmpfs is (nearly) full.

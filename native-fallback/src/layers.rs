@@ -125,7 +125,9 @@ pub fn unpack(archive: impl Read, into: &Path) -> Result<UnpackedLayer, LayerErr
             tar::EntryType::Symlink => {
                 let target = header.link_name().map_err(LayerError::Archive)?.unwrap_or_default();
                 let _ = root.remove_file(&path);
-                root.symlink(target.as_ref(), &path).map_err(written)?;
+                // Written as they are, absolute ones too: they are resolved inside the sandbox
+                // only (and never followed by a later entry, as `Dir` refuses paths out).
+                root.symlink_contents(target.as_ref(), &path).map_err(written)?;
                 unpacked.links_and_dirs += 1;
             }
             tar::EntryType::Link => {

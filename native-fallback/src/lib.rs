@@ -128,7 +128,7 @@ use protocol::{BpfInstruction, SetupPlan};
 use rootfs::{HostRootfs, RlimitSettings, TmpfsSizes};
 pub use rootfs::{
     LayeredRoot, ROOT_HOME, RootfsError, SANDBOX_HOME, SANDBOX_HOSTNAME, SANDBOX_ID_COUNT,
-    SANDBOX_UID, SANDBOX_UID_BASE, SandboxRoot,
+    SANDBOX_UID, SANDBOX_UID_BASE, SandboxNetwork, SandboxRoot,
 };
 use sandbox::PreparedSandbox;
 pub use sandbox::{
@@ -380,7 +380,11 @@ impl NativeTier {
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
         if *root != SandboxRoot::Host {
-            return self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await;
+            return self
+                .prepare(root, SandboxNetwork::Isolated)
+                .await?
+                .enter(self, Some(workspace), memory_bytes)
+                .await;
         }
         let pooled = self.pool.take();
         tracing::debug!(from_pool = pooled.is_some(), "starting a native sandbox");
@@ -392,21 +396,30 @@ impl NativeTier {
                 // A pooled init that died meanwhile (killed from outside): prepare afresh.
                 Err(e) => {
                     tracing::warn!(error = %e, "a prepared sandbox failed; preparing another");
-                    self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await
+                    self.prepare(root, SandboxNetwork::Isolated)
+                        .await?
+                        .enter(self, Some(workspace), memory_bytes)
+                        .await
                 }
             },
-            None => self.prepare(root).await?.enter(self, Some(workspace), memory_bytes).await,
+            None => {
+                self.prepare(root, SandboxNetwork::Isolated)
+                    .await?
+                    .enter(self, Some(workspace), memory_bytes)
+                    .await
+            }
         }
     }
 
     /// Starts a sandbox on `root` without a workspace (its `/home/user` is part of the root),
-    /// as a template build's steps run.
+    /// as a template build's steps run, on `network`.
     pub async fn start_build_sandbox(
         self: &Arc<Self>,
         root: &SandboxRoot,
+        network: SandboxNetwork,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
-        self.prepare(root).await?.enter(self, None, memory_bytes).await
+        self.prepare(root, network).await?.enter(self, None, memory_bytes).await
     }
 
     /// Starts the pool's keeper in the background, once (a server calls it when it is up, so
@@ -463,9 +476,10 @@ impl NativeTier {
                 return;
             }
             let batch = missing.min(pool::PARALLEL_PREPARES);
-            let prepared =
-                futures::future::join_all((0..batch).map(|_| self.prepare(&SandboxRoot::Host)))
-                    .await;
+            let prepared = futures::future::join_all(
+                (0..batch).map(|_| self.prepare(&SandboxRoot::Host, SandboxNetwork::Isolated)),
+            )
+            .await;
             for prepared in prepared {
                 match prepared {
                     Ok(prepared) => self.pool.put(prepared),
@@ -478,7 +492,11 @@ impl NativeTier {
         }
     }
 
-    async fn prepare(&self, root: &SandboxRoot) -> Result<PreparedSandbox, NativeError> {
+    async fn prepare(
+        &self,
+        root: &SandboxRoot,
+        network: SandboxNetwork,
+    ) -> Result<PreparedSandbox, NativeError> {
         let limits = CgroupLimits {
             memory_bytes: PREPARED_MEMORY_BYTES,
             max_processes: self.config.max_processes,
@@ -486,10 +504,10 @@ impl NativeTier {
         };
         let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{n}", std::process::id());
-        PreparedSandbox::prepare(self, &name, limits, root).await
+        PreparedSandbox::prepare(self, &name, limits, root, network).await
     }
 
-    fn plan(&self, root: &SandboxRoot, mounts: Vec<String>) -> SetupPlan {
+    fn plan(&self, root: &SandboxRoot, mounts: Vec<String>, network: SandboxNetwork) -> SetupPlan {
         let tmpfs =
             TmpfsSizes { tmp_bytes: self.config.tmp_bytes, shm_bytes: self.config.shm_bytes };
         let rlimits = RlimitSettings {
@@ -497,7 +515,9 @@ impl NativeTier {
             file_bytes: self.config.file_bytes,
             stack_bytes: STACK_BYTES,
         };
-        self.rootfs.plan(root, mounts, tmpfs, rlimits, self.seccomp.clone())
+        let mut plan = self.rootfs.plan(root, mounts, tmpfs, rlimits, self.seccomp.clone());
+        plan.host_network = network == SandboxNetwork::Host;
+        plan
     }
 }
 

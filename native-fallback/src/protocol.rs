@@ -111,6 +111,9 @@ pub(crate) struct SetupPlan {
     pub(crate) workspace: String,
     /// The sandbox user's id (and its group's).
     pub(crate) user_id: u32,
+    /// Whether the sandbox shares the host's network namespace (a template build that is
+    /// allowed the network) instead of having one of its own with only loopback.
+    pub(crate) host_network: bool,
     /// Symbolic links made in the new root: `(path, target)`.
     pub(crate) symlinks: Vec<(String, String)>,
     /// The size of the private `/tmp`.

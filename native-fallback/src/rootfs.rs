@@ -123,6 +123,17 @@ pub enum SandboxRoot {
     Layers(LayeredRoot),
 }
 
+/// What network a sandbox has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SandboxNetwork {
+    /// A network namespace of its own with only loopback: no network (every sandbox).
+    #[default]
+    Isolated,
+    /// The host's network namespace, and its DNS settings (template builds, where the server
+    /// allows it).
+    Host,
+}
+
 /// A template's root: overlayfs over its layers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayeredRoot {
@@ -177,11 +188,14 @@ pub(crate) struct HostRootfs {
     symlinks: Vec<(String, String)>,
     /// This tier's copy of `/etc`, removed with it.
     etc: PathBuf,
+    /// The same with the host's `resolv.conf`, for sandboxes on the host's network.
+    etc_with_dns: PathBuf,
 }
 
 impl Drop for HostRootfs {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.etc);
+        let _ = fs::remove_dir_all(&self.etc_with_dns);
     }
 }
 
@@ -209,7 +223,9 @@ impl HostRootfs {
         remove_stale_etc(state_dir);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let etc = state_dir.join(format!("etc-{}-{n}", std::process::id()));
-        build_etc(&etc, Path::new("/etc"))?;
+        build_etc(&etc, Path::new("/etc"), false)?;
+        let etc_with_dns = state_dir.join(format!("etc-{}-{n}-dns", std::process::id()));
+        build_etc(&etc_with_dns, Path::new("/etc"), true)?;
         let mut layers =
             vec![(PathBuf::from("/usr"), "/usr".to_owned()), (etc.clone(), "/etc".to_owned())];
         let mut symlinks = Vec::new();
@@ -227,7 +243,7 @@ impl HostRootfs {
         }
         // Programs that keep temporary files in /var/tmp find the private /tmp there.
         symlinks.push(("/var/tmp".to_owned(), "/tmp".to_owned()));
-        Ok(Self { layers, symlinks, etc })
+        Ok(Self { layers, symlinks, etc, etc_with_dns })
     }
 
     /// Detached mounts of what `root` is made of, and where each goes (a layered root
@@ -235,6 +251,7 @@ impl HostRootfs {
     pub(crate) fn mounts(
         &self,
         root: &SandboxRoot,
+        network: SandboxNetwork,
     ) -> Result<(Vec<OwnedFd>, Vec<String>), RootfsError> {
         let mut fds = Vec::new();
         let mut targets = Vec::new();
@@ -248,6 +265,10 @@ impl HostRootfs {
         };
         if host_system {
             for (host, target) in &self.layers {
+                let host = match network {
+                    SandboxNetwork::Host if *host == self.etc => &self.etc_with_dns,
+                    _ => host,
+                };
                 fds.push(detached(host, READ_ONLY_LAYER, None)?);
                 targets.push(target.clone());
             }
@@ -281,6 +302,7 @@ impl HostRootfs {
             layered_root: matches!(root, SandboxRoot::Layers(_)),
             workspace: SANDBOX_HOME.to_owned(),
             user_id: SANDBOX_UID,
+            host_network: false,
             symlinks: match root {
                 SandboxRoot::Layers(layered) if !layered.host_system => Vec::new(),
                 _ => self.symlinks.clone(),
@@ -349,9 +371,9 @@ fn remove_stale_etc(state_dir: &Path) {
     }
 }
 
-/// Copies the allow-listed entries of `host_etc` and writes the generated files into a fresh
-/// `etc`, replacing the old one in one rename.
-fn build_etc(etc: &Path, host_etc: &Path) -> Result<(), RootfsError> {
+/// Copies the allow-listed entries of `host_etc` (and its `resolv.conf` when `dns`) and writes
+/// the generated files into a fresh `etc`, replacing the old one in one rename.
+fn build_etc(etc: &Path, host_etc: &Path, dns: bool) -> Result<(), RootfsError> {
     let error = |path: &Path| {
         let path = path.to_owned();
         move |source| RootfsError::Etc { path, source }
@@ -367,7 +389,7 @@ fn build_etc(etc: &Path, host_etc: &Path) -> Result<(), RootfsError> {
         let allowed = ETC_ALLOWED.iter().any(|allowed| match allowed.strip_suffix('*') {
             Some(prefix) => name.starts_with(prefix),
             None => name == *allowed,
-        });
+        }) || (dns && name == "resolv.conf");
         if allowed {
             copy_tree(&entry.path(), &staging.join(&*name)).map_err(error(&entry.path()))?;
         }

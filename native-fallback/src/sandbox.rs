@@ -19,7 +19,7 @@ use crate::NativeTier;
 use crate::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::control::ControlSocket;
 use crate::protocol::{ExitStatus, HostMessage, InitMessage, MAX_MESSAGE_BYTES, SpawnRequest};
-use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE, SandboxRoot};
+use crate::rootfs::{SANDBOX_ID_COUNT, SANDBOX_UID, SANDBOX_UID_BASE, SandboxNetwork, SandboxRoot};
 use crate::sys::spawn::{InitFds, clone_init};
 use crate::{NativeError, SetupStep, io_errno};
 use soulbox_runtime::SandboxUser;
@@ -89,6 +89,7 @@ impl PreparedSandbox {
         name: &str,
         limits: CgroupLimits,
         root: &SandboxRoot,
+        network: SandboxNetwork,
     ) -> Result<Self, NativeError> {
         let cgroup = SandboxCgroup::create(name, limits)?;
         let socket =
@@ -101,7 +102,7 @@ impl PreparedSandbox {
                 return Err(e);
             }
         };
-        let init = match launch_init(tier, init_end, &cgroup) {
+        let init = match launch_init(tier, init_end, &cgroup, network) {
             Ok(init) => init,
             Err((init, e)) => {
                 let _ = tokio::task::spawn_blocking(move || match init {
@@ -119,10 +120,10 @@ impl PreparedSandbox {
         set_nonblocking(host_end.as_fd())
             .map_err(|e| NativeError::host(SetupStep::ControlSocket, e))?;
         let control = prepared.control.insert(ControlSocket::new(host_end).map_err(socket_error)?);
-        let (layers, targets) = tier.rootfs.mounts(root)?;
+        let (layers, targets) = tier.rootfs.mounts(root, network)?;
         let borrowed: Vec<BorrowedFd<'_>> = layers.iter().map(AsFd::as_fd).collect();
         control
-            .send(&HostMessage::Setup(tier.plan(root, targets)), &borrowed)
+            .send(&HostMessage::Setup(tier.plan(root, targets, network)), &borrowed)
             .await
             .map_err(socket_error)?;
         drop(layers);
@@ -513,10 +514,13 @@ fn launch_init(
     tier: &NativeTier,
     init_end: OwnedFd,
     cgroup: &SandboxCgroup,
+    network: SandboxNetwork,
 ) -> Result<Pid, (Option<Pid>, NativeError)> {
     let fds =
         InitFds { image: tier.image.as_fd(), control: init_end.as_fd(), null: tier.null.as_fd() };
-    let child = clone_init(fds).map_err(|e| (None, NativeError::host(SetupStep::Clone, e)))?;
+    let host_network = network == SandboxNetwork::Host;
+    let child = clone_init(fds, host_network)
+        .map_err(|e| (None, NativeError::host(SetupStep::Clone, e)))?;
     drop(init_end);
     let init = child.pid();
     let fail = |step: SetupStep| move |e: nix::Error| (Some(init), NativeError::host(step, e));

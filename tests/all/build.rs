@@ -8,7 +8,7 @@ use std::path::Path;
 use soulbox_native::build::{BuildError, BuildEvent, BuildOptions, Builder, BuiltImage};
 use soulbox_native::image::{LayerStore, import_oci_layout};
 use soulbox_native::{
-    ExitStatus, LayeredRoot, NativeSandbox, ProcessSpec, SandboxRoot, dockerfile,
+    ExitStatus, LayeredRoot, NativeSandbox, ProcessSpec, SandboxNetwork, SandboxRoot, dockerfile,
 };
 use soulbox_runtime::SandboxUser;
 use tokio::io::AsyncReadExt;
@@ -216,4 +216,66 @@ async fn a_step_that_fills_the_disk_quota_is_stopped_with_a_clear_error() {
         }
         other => panic!("expected the quota to stop the step, got {other:?}"),
     }
+}
+
+/// Serves `body` to every HTTP request on a loopback port of the host; its port.
+async fn serve_once_more(body: &'static str) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut request).await;
+            let answer = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn build_steps_have_the_network_only_where_the_server_allows_it() {
+    let Some(setup) = setup() else { return };
+    let port = serve_once_more("fetched over the network\n").await;
+    let dockerfile = format!(
+        "FROM busybox\nRUN wget -q -O /fetched http://127.0.0.1:{port}/file && cp /etc/resolv.conf /dns.txt\n"
+    );
+    // By default a step has only its own loopback: the host's server is out of reach.
+    let (built, _) = build(&setup, &dockerfile, &BuildOptions::default()).await;
+    assert!(matches!(&built, Err(BuildError::Step { line: 2, .. })), "{built:?}");
+
+    // On the host's network, it fetches, with the host's DNS settings, which stay out of the
+    // layer.
+    let host = BuildOptions { network: SandboxNetwork::Host, ..BuildOptions::default() };
+    let (built, events) = build(&setup, &dockerfile, &host).await;
+    let image = built.unwrap_or_else(|e| panic!("{e}: {events:?}"));
+    let layer = setup.builder.store().paths(&image.layers).expect("paths").pop().expect("layer");
+    let fetched = std::fs::read_to_string(layer.join("fetched")).expect("fetched");
+    assert_eq!(fetched, "fetched over the network\n");
+    let host_dns = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert_eq!(std::fs::read_to_string(layer.join("dns.txt")).expect("dns.txt"), host_dns);
+    assert!(
+        !layer.join("etc/resolv.conf").exists(),
+        "the host's resolv.conf stays out of the layer"
+    );
+
+    // A step on the host's system (FROM base) gets the DNS settings too.
+    let from_base = Setup {
+        base: BuiltImage::host_system(),
+        builder: setup.builder.clone(),
+        context: tempfile::tempdir().expect("context"),
+        _dir: tempfile::tempdir().expect("dir"),
+    };
+    let dockerfile = format!(
+        "FROM base\nRUN python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/').read().decode(), end='')\" > /fetched && cp /etc/resolv.conf /dns.txt\n"
+    );
+    let (built, events) = build(&from_base, &dockerfile, &host).await;
+    let image = built.unwrap_or_else(|e| panic!("{e}: {events:?}"));
+    let layer = setup.builder.store().paths(&image.layers).expect("paths").pop().expect("layer");
+    assert_eq!(
+        std::fs::read_to_string(layer.join("fetched")).expect("fetched"),
+        "fetched over the network\n"
+    );
+    assert_eq!(std::fs::read_to_string(layer.join("dns.txt")).expect("dns.txt"), host_dns);
 }

@@ -62,13 +62,14 @@ fn a_layer_unpacks_with_safe_modes_links_and_the_sandboxes_ids() {
         .file("usr/bin/tool", 0o4755, b"#!/bin/sh\necho hi\n")
         .entry("usr/bin/tool2", tar::EntryType::Link, 0o755, "usr/bin/tool", b"")
         .entry("bin", tar::EntryType::Symlink, 0o777, "usr/bin", b"")
+        .entry("usr/bin/sh", tar::EntryType::Symlink, 0o777, "/bin/dash", b"")
         .file("/etc/hostname", 0o644, b"sandbox\n")
         .bytes();
     let dir = tempfile::tempdir().expect("tempdir");
     let unpacked = unpack(layer.as_slice(), dir.path()).expect("unpacked");
     assert_eq!(
         unpacked,
-        UnpackedLayer { files: 2, bytes: 26, links_and_dirs: 3, whiteouts: 0, skipped: 0 }
+        UnpackedLayer { files: 2, bytes: 26, links_and_dirs: 4, whiteouts: 0, skipped: 0 }
     );
     let tool = dir.path().join("usr/bin/tool");
     assert_eq!(std::fs::read_to_string(&tool).expect("tool"), "#!/bin/sh\necho hi\n");
@@ -79,6 +80,11 @@ fn a_layer_unpacks_with_safe_modes_links_and_the_sandboxes_ids() {
     assert_eq!(
         std::fs::read_link(dir.path().join("bin")).expect("a symlink"),
         Path::new("usr/bin")
+    );
+    // An absolute link (as real images have) is kept as it is: it is resolved in the sandbox.
+    assert_eq!(
+        std::fs::read_link(dir.path().join("usr/bin/sh")).expect("a symlink"),
+        Path::new("/bin/dash")
     );
     assert_eq!(
         std::fs::read_to_string(dir.path().join("etc/hostname")).expect("inside"),

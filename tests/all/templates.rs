@@ -66,8 +66,13 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     };
     let Some(context) = context(&registry.reference("tests/busybox:latest")) else { return };
     let insecure = registry.insecure();
-    let (base, _data, _app) =
-        soulbox_tests::serve_configured(|app| app.with_insecure_registries(insecure)).await;
+    let (base, _data, _app) = soulbox_tests::serve_configured(|app| {
+        app.with_template_settings(soulbox_host::templates::TemplateSettings {
+            insecure_registries: insecure,
+            ..Default::default()
+        })
+    })
+    .await;
     let (status, events) = build(&base, context.path(), "name=my-app&tag=v1").await;
     assert_eq!(status, 200, "{events:?}");
     let done = last(&events);

@@ -193,7 +193,9 @@ pub(crate) fn prepare(plan: &SetupPlan, mounts: Vec<OwnedFd>) -> Result<(), Setu
         Ok(())
     })?;
     step("set the host name", || Ok(sethostname(&plan.hostname)?))?;
-    step("bring up loopback", || Ok(sys::loopback_up()?))?;
+    if !plan.host_network {
+        step("bring up loopback", || Ok(sys::loopback_up()?))?;
+    }
     step("enter a new cgroup namespace", || Ok(unshare(CloneFlags::CLONE_NEWCGROUP)?))?;
     step("set resource limits", || {
         for limit in &plan.rlimits {

@@ -136,14 +136,16 @@ fn high_copy(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Clones init's child into new user, pid, mount, network, UTS and IPC namespaces. It waits
-/// for [`InitChild::release`]: write its id maps and put it in its cgroup first.
-pub(crate) fn clone_init(fds: InitFds<'_>) -> nix::Result<InitChild> {
+/// Clones init's child into new user, pid, mount, network (unless `host_network`), UTS and
+/// IPC namespaces. It waits for [`InitChild::release`]: write its id maps and put it in its
+/// cgroup first.
+pub(crate) fn clone_init(fds: InitFds<'_>, host_network: bool) -> nix::Result<InitChild> {
+    let network = if host_network { 0 } else { libc::CLONE_NEWNET };
     let flags = libc::CLONE_VM
         | libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
+        | network
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
         | libc::SIGCHLD;

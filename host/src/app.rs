@@ -301,6 +301,12 @@ impl App {
         self.native.as_ref().map(|native| native.tier().pool_stats())
     }
 
+    /// The pools of the templates in use, by template build (none without the native tier).
+    #[cfg(feature = "native")]
+    pub fn template_pools(&self) -> Vec<(String, soulbox_native::PoolStats)> {
+        self.native.as_ref().map(|native| native.tier().template_pool_stats()).unwrap_or_default()
+    }
+
     /// The polled directory watchers of the data plane.
     pub(crate) fn watchers(&self) -> &crate::envd::Watchers {
         &self.watchers

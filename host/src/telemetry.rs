@@ -12,7 +12,8 @@
 //! - `soulbox_admission_refusals_total{reason}`, `soulbox_memory_available_bytes`.
 //! - `soulbox_pool_sandboxes{tier,pool}`, `soulbox_pool_target_sandboxes{tier,pool}`,
 //!   `soulbox_pool_hits_total{tier,pool}`, `soulbox_pool_misses_total{tier,pool}`: the native
-//!   tier's prepared sandboxes (`pool="native"`) and the warm kernels of each language.
+//!   tier's prepared sandboxes (`pool="native"`, and `pool="template:<build>"` for each
+//!   template in use) and the warm kernels of each language.
 //! - `soulbox_team_cpu_seconds{team,tier}` and `soulbox_team_memory_bytes{team,tier}`: what
 //!   each tenant's live sandboxes have used and hold now.
 //! - `soulbox_api_responses_total{class}`.
@@ -327,6 +328,12 @@ impl Telemetry {
         let mut pools = Vec::new();
         #[cfg(feature = "native")]
         pools.extend(app.native_pool().map(|stats| (Tier::Native, "native".to_owned(), stats)));
+        #[cfg(feature = "native")]
+        pools.extend(
+            app.template_pools()
+                .into_iter()
+                .map(|(build, stats)| (Tier::Native, format!("template:{build}"), stats)),
+        );
         #[cfg(feature = "wasm")]
         pools.extend(
             app.wasm()

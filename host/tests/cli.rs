@@ -947,8 +947,18 @@ fn the_cli_builds_a_template_from_a_dockerfile_and_manages_it() {
         &["template", "build", "-t", "cli-app", "--build-arg", "V", context_arg],
     );
     let stderr = text(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
     assert!(stderr.contains("NAME=VALUE") && !stderr.contains("cannot reach"), "{stderr}");
+    // So is a context that cannot be packed (a socket in it); the half-made archive goes too.
+    let unpackable = tempfile::tempdir().expect("a context");
+    std::fs::write(unpackable.path().join("Dockerfile"), "FROM base\n").expect("write");
+    let _socket = std::os::unix::net::UnixListener::bind(unpackable.path().join("app.sock"))
+        .expect("a socket");
+    let unpackable_arg = unpackable.path().to_str().expect("UTF-8");
+    let out = soulbox_at(&nowhere, &["template", "build", "-t", "cli-app", unpackable_arg]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("app.sock") && !stderr.contains("cannot reach"), "{stderr}");
 
     let left: Vec<_> = std::fs::read_dir(scratch.path()).expect("read").collect();
     assert!(left.is_empty(), "the CLI left files in its temporary directory: {left:?}");

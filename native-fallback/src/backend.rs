@@ -667,6 +667,7 @@ fn root_of(sandbox: &Sandbox) -> SandboxRoot {
             layers: image.layers.clone(),
             writable: sandbox.state_dir().join("root"),
             host_system: image.host_system,
+            template: image.build_id.clone(),
         }),
     }
 }

@@ -377,6 +377,7 @@ impl Builder {
             layers: self.store.paths(&image.layers)?,
             writable: scratch.writable(),
             host_system: image.host_system,
+            template: String::new(),
         });
         let user = image.build_user();
         // The tmpfs's pages are charged to the step's memory, beside its processes'.

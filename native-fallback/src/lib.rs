@@ -260,6 +260,9 @@ pub struct NativeConfig {
     pub pool_max: usize,
     /// The pool does not grow while less memory than this is available on the host.
     pub pool_min_free_memory_bytes: u64,
+    /// The most prepared sandboxes kept ready per template in use (none when idle); 0
+    /// prepares each on demand.
+    pub template_pool_max: usize,
 }
 
 /// Default size of a sandbox's `/tmp`.
@@ -278,6 +281,8 @@ pub const DEFAULT_FILE_BYTES: u64 = 1 << 30;
 pub const DEFAULT_POOL_MIN: usize = 2;
 /// Default most prepared sandboxes kept ready.
 pub const DEFAULT_POOL_MAX: usize = 32;
+/// Default most prepared sandboxes kept ready per template.
+pub const DEFAULT_TEMPLATE_POOL_MAX: usize = 8;
 /// Default memory the pool leaves to running sandboxes: it does not grow below 1 GiB free.
 pub const DEFAULT_POOL_MIN_FREE_MEMORY_BYTES: u64 = 1 << 30;
 /// How long the pool waits after a sandbox was taken before it prepares another.
@@ -301,6 +306,7 @@ impl NativeConfig {
             pool_min: DEFAULT_POOL_MIN,
             pool_max: DEFAULT_POOL_MAX,
             pool_min_free_memory_bytes: DEFAULT_POOL_MIN_FREE_MEMORY_BYTES,
+            template_pool_max: DEFAULT_TEMPLATE_POOL_MAX,
         }
     }
 }
@@ -316,10 +322,15 @@ pub struct NativeTier {
     rootfs: HostRootfs,
     seccomp: Vec<Vec<BpfInstruction>>,
     pool: Pool,
+    /// The pools of the templates in use.
+    template_pools: pool::TemplatePools,
     /// Whether the pool's keeper runs; it is woken when a sandbox is taken.
     keeping: AtomicBool,
     taken: Arc<tokio::sync::Notify>,
 }
+
+/// Where the writable layers of prepared template sandboxes wait, under the state directory.
+const POOLED_ROOTS: &str = "pooled-roots";
 
 /// Numbers the control groups of this process (`soulbox/<pid>-<n>`), across all its tiers.
 static NEXT_CGROUP: AtomicU64 = AtomicU64::new(0);
@@ -352,6 +363,8 @@ impl NativeTier {
             .open("/dev/null")
             .map_err(|e| NativeError::Unavailable(format!("opening /dev/null: {e}")))?;
         cgroup::remove_stale();
+        // The writable layers of an earlier server's prepared template sandboxes.
+        let _ = std::fs::remove_dir_all(config.state_dir.join(POOLED_ROOTS));
         Ok(Self {
             image: init_image()?,
             null: null.into(),
@@ -359,6 +372,7 @@ impl NativeTier {
             rootfs: HostRootfs::prepare(&config.state_dir)?,
             seccomp,
             pool: Pool::new(config.pool_min, config.pool_max),
+            template_pools: pool::TemplatePools::default(),
             config,
             keeping: AtomicBool::new(false),
             taken: Arc::default(),
@@ -379,12 +393,8 @@ impl NativeTier {
         workspace: &Path,
         memory_bytes: u64,
     ) -> Result<NativeSandbox, NativeError> {
-        if *root != SandboxRoot::Host {
-            return self
-                .prepare(root, SandboxNetwork::Isolated)
-                .await?
-                .enter(self, Some(workspace), memory_bytes)
-                .await;
+        if let SandboxRoot::Layers(layered) = root {
+            return self.start_template_sandbox(layered, workspace, memory_bytes).await;
         }
         let pooled = self.pool.take();
         tracing::debug!(from_pool = pooled.is_some(), "starting a native sandbox");
@@ -411,6 +421,48 @@ impl NativeTier {
         }
     }
 
+    /// Starts a sandbox of a template: a prepared one from the template's pool when one waits
+    /// there and the sandbox has no writable layer yet (a sandbox that comes back keeps its
+    /// own), else one prepared now.
+    async fn start_template_sandbox(
+        self: &Arc<Self>,
+        root: &LayeredRoot,
+        workspace: &Path,
+        memory_bytes: u64,
+    ) -> Result<NativeSandbox, NativeError> {
+        let pooled = !root.template.is_empty()
+            && self.config.template_pool_max > 0
+            && !root.writable.exists();
+        if pooled {
+            let pool = self.template_pools.of(root, self.config.template_pool_max);
+            let taken = pool.pool.take();
+            self.warm();
+            self.taken.notify_one();
+            if let Some(mut taken) = taken
+                && let Some(prepared) = taken.prepared.take()
+            {
+                match std::fs::rename(&taken.writable, &root.writable) {
+                    Ok(()) => match prepared.enter(self, Some(workspace), memory_bytes).await {
+                        Ok(sandbox) => return Ok(sandbox),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a prepared template sandbox failed; preparing another");
+                            let _ = std::fs::remove_dir_all(&root.writable);
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "moving a prepared writable layer"),
+                }
+            }
+        }
+        let fresh = SandboxRoot::Layers(root.clone());
+        let prepared = self.prepare(&fresh, SandboxNetwork::Isolated).await?;
+        prepared.enter(self, Some(workspace), memory_bytes).await
+    }
+
+    /// Each template pool's state, by template build.
+    pub fn template_pool_stats(&self) -> Vec<(String, PoolStats)> {
+        self.template_pools.stats()
+    }
+
     /// Starts a sandbox on `root` without a workspace (its `/home/user` is part of the root),
     /// as a template build's steps run, on `network`.
     pub async fn start_build_sandbox(
@@ -427,7 +479,8 @@ impl NativeTier {
     /// to its target and trims what idle demand no longer needs, until the tier is dropped.
     /// Must be called within a tokio runtime.
     pub fn warm(self: &Arc<Self>) {
-        if !self.pool.enabled() || self.keeping.swap(true, Ordering::AcqRel) {
+        let pools = self.pool.enabled() || self.config.template_pool_max > 0;
+        if !pools || self.keeping.swap(true, Ordering::AcqRel) {
             return;
         }
         let tier = Arc::downgrade(self);
@@ -457,8 +510,68 @@ impl NativeTier {
         self.pool.stats()
     }
 
-    /// Trims the pool to its target, then fills it (a few at a time) while memory allows.
+    /// Looks after the default root's pool and each template's.
     async fn keep_pool(&self) {
+        self.keep_host_pool().await;
+        for template in self.template_pools.all() {
+            self.keep_template_pool(&template).await;
+        }
+    }
+
+    /// Trims a template's pool to its target, then fills it while memory allows.
+    async fn keep_template_pool(&self, template: &pool::TemplatePool) {
+        let surplus = template.pool.surplus();
+        if !surplus.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || drop(surplus)).await;
+        }
+        loop {
+            let missing = template.pool.missing();
+            if missing == 0
+                || soulbox_runtime::host_memory::available_bytes()
+                    < self.config.pool_min_free_memory_bytes
+            {
+                return;
+            }
+            let batch = missing.min(pool::PARALLEL_PREPARES);
+            let prepared =
+                futures::future::join_all((0..batch).map(|_| self.prepare_template(template)))
+                    .await;
+            for prepared in prepared {
+                match prepared {
+                    Ok(prepared) => template.pool.put(prepared),
+                    Err(e) => {
+                        tracing::warn!(error = %e, template = %template.root.template, "preparing a template sandbox for its pool");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A sandbox of a template's pool, with a writable layer of its own under the tier's
+    /// state directory.
+    async fn prepare_template(
+        &self,
+        template: &pool::TemplatePool,
+    ) -> Result<pool::PreparedRoot, NativeError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let writable =
+            self.config.state_dir.join(POOLED_ROOTS).join(format!("{}-{n}", std::process::id()));
+        let root = LayeredRoot { writable: writable.clone(), ..template.root.clone() };
+        let prepared = self.prepare(&SandboxRoot::Layers(root), SandboxNetwork::Isolated).await;
+        match prepared {
+            Ok(prepared) => Ok(pool::PreparedRoot { prepared: Some(prepared), writable }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&writable);
+                Err(e)
+            }
+        }
+    }
+
+    /// Trims the default root's pool to its target, then fills it (a few at a time) while
+    /// memory allows.
+    async fn keep_host_pool(&self) {
         let surplus = self.pool.surplus();
         if !surplus.is_empty() {
             // Tearing down reaps init: off the async threads.

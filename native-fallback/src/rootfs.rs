@@ -145,6 +145,9 @@ pub struct LayeredRoot {
     /// Whether the host's `/usr` and the allow-listed `/etc` are mounted over the layers
     /// (a template built `FROM base`).
     pub host_system: bool,
+    /// The template build it is made from: sandboxes of one build share a pool of prepared
+    /// ones. Empty for none (a build step's root).
+    pub template: String,
 }
 
 /// Failure to prepare the root.

@@ -62,6 +62,7 @@ async fn run_in(
         layers: setup.builder.store().paths(&image.layers).expect("paths"),
         writable: writable.to_owned(),
         host_system: image.host_system,
+        template: String::new(),
     });
     let sandbox: NativeSandbox =
         native.tier().start_sandbox(&root, workspace, 256 << 20).await.expect("a sandbox");

@@ -152,6 +152,19 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
         }
     }
 
+    // Sandboxes of the template after the first came from its pool of prepared ones (the
+    // SDK's checks above ran on them: a pooled sandbox starts from the template too).
+    let (_, _, metrics) = http_request("GET", &format!("{base}/metrics"), None).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let hits = metrics
+        .lines()
+        .find(|l| l.starts_with("soulbox_pool_hits_total{") && l.contains("pool=\"template:bld_"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    if crate::e2b_sdk::sdk_pythons().is_ok() {
+        assert!(hits.is_some_and(|hits| hits >= 1), "{metrics}");
+    }
+
     // Deleting is refused while a sandbox uses the template.
     let create = serde_json::to_vec(&serde_json::json!({ "templateID": "my-app" })).ok();
     let (status, _, body) =

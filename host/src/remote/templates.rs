@@ -103,6 +103,13 @@ context: `oci:PATH[:TAG]` (an OCI layout) or `docker-archive:PATH` (a `docker sa
 }
 
 pub(crate) async fn template(command: TemplateCommand) -> ExitCode {
+    // A usage error, before anything is packed or sent.
+    if let TemplateCommand::Build { build_args, .. } = &command
+        && let Some(arg) = build_args.iter().find(|arg| !arg.contains('='))
+    {
+        eprintln!("soulbox: --build-arg {arg}: write NAME=VALUE");
+        return ExitCode::from(2);
+    }
     match command {
         TemplateCommand::Build { .. } => match build(command).await {
             Ok(code) => code,
@@ -216,21 +223,22 @@ fn mib(bytes: u64) -> String {
 const OUTSIDE_DOCKERFILE: &str = ".soulbox-dockerfile";
 
 /// Packs `context` (and the Dockerfile, when it lies outside) into a gzip tar in a temporary
-/// file; returns it and the Dockerfile's path inside.
-fn pack_context(context: &Path, dockerfile: &Path) -> anyhow::Result<(PathBuf, String)> {
+/// file, removed when dropped (also when packing fails part way); returns it and the
+/// Dockerfile's path inside.
+fn pack_context(context: &Path, dockerfile: &Path) -> anyhow::Result<(TempFile, String)> {
     let context = context
         .canonicalize()
         .with_context(|| format!("the build context {}", context.display()))?;
     let dockerfile = dockerfile
         .canonicalize()
         .with_context(|| format!("the Dockerfile {}", dockerfile.display()))?;
-    let archive = std::env::temp_dir().join(format!(
+    let archive = TempFile(std::env::temp_dir().join(format!(
         "soulbox-context-{}-{}.tar.gz",
         std::process::id(),
         uuid::Uuid::new_v4().simple()
-    ));
-    let file = std::fs::File::create(&archive)
-        .with_context(|| format!("creating {}", archive.display()))?;
+    )));
+    let file = std::fs::File::create(&archive.0)
+        .with_context(|| format!("creating {}", archive.0.display()))?;
     let gzip = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gzip);
     tar.follow_symlinks(false);
@@ -283,7 +291,6 @@ async fn build(command: TemplateCommand) -> anyhow::Result<ExitCode> {
         let context = context.clone();
         tokio::task::spawn_blocking(move || pack_context(&context, &dockerfile)).await??
     };
-    let archive = TempFile(archive);
     let mut query: Vec<(&str, String)> =
         vec![("name", template.clone()), ("tag", tag.clone()), ("dockerfile", inside)];
     if no_cache {
@@ -298,12 +305,7 @@ async fn build(command: TemplateCommand) -> anyhow::Result<ExitCode> {
     if let Some(mib) = disk_mib {
         query.push(("disk_mib", mib.to_string()));
     }
-    for arg in &build_args {
-        if !arg.contains('=') {
-            bail!("--build-arg {arg}: write NAME=VALUE");
-        }
-        query.push(("build_arg", arg.clone()));
-    }
+    query.extend(build_args.iter().map(|arg| ("build_arg", arg.clone())));
     let file = tokio::fs::File::open(&archive.0).await?;
     let size = file.metadata().await?.len();
     let bar = transfer_bar(Some(size), "sending the build context");

@@ -354,16 +354,14 @@ impl Templates {
         Ok(BuiltImage { layers: stored.layers, config: stored.config, ..BuiltImage::default() })
     }
 
-    /// Records a finished build and points `tag` at it, making the template if it is new.
+    /// Records a finished build and points its tags at it, making the template if it is new.
     fn record_build(
         &self,
-        team: &str,
-        reference: &Reference,
-        public: Option<bool>,
-        from: &str,
+        job: &BuildJob,
         image: BuiltImage,
         duration_ms: u64,
     ) -> Result<BuildRecord, StoreError> {
+        let (team, reference) = (&job.team, &job.reference);
         let mut template = self.record(team, &reference.name)?.unwrap_or_else(|| TemplateRecord {
             id: format!("tpl_{}", uuid::Uuid::new_v4().simple()),
             team: team.to_owned(),
@@ -372,7 +370,7 @@ impl Templates {
             tags: BTreeMap::new(),
             created_at_ms: now_ms(),
         });
-        if let Some(public) = public {
+        if let Some(public) = job.public {
             template.public = public;
         }
         let size_bytes = self
@@ -381,18 +379,23 @@ impl Templates {
             .map(|paths| paths.iter().map(|p| dir_size(p)).sum())
             .unwrap_or(0);
         let build = BuildRecord {
-            build_id: format!("bld_{}", uuid::Uuid::new_v4().simple()),
+            build_id: job
+                .build_id
+                .clone()
+                .unwrap_or_else(|| format!("bld_{}", uuid::Uuid::new_v4().simple())),
             template_id: template.id.clone(),
             team: team.to_owned(),
             name: reference.name.clone(),
-            from: from.to_owned(),
+            from: job.plan.from.clone(),
             image,
             size_bytes,
             duration_ms,
             created_at_ms: now_ms(),
         };
         self.store.put(BUILDS, &build.build_id, &build)?;
-        template.tags.insert(reference.tag.clone(), build.build_id.clone());
+        for tag in std::iter::once(&reference.tag).chain(&job.extra_tags) {
+            template.tags.insert(tag.clone(), build.build_id.clone());
+        }
         self.store.put(TEMPLATES, &template_key(team, &reference.name), &template)?;
         Ok(build)
     }
@@ -521,6 +524,83 @@ pub(crate) async fn start_sandbox(
             ));
         }
         tokio::time::sleep(READY_INTERVAL).await;
+    }
+}
+
+/// One build to run: what, for whom, under which name.
+#[derive(Debug)]
+struct BuildJob {
+    team: String,
+    reference: Reference,
+    /// More tags to point at the build.
+    extra_tags: Vec<String>,
+    /// Whether the template becomes public (or private); unchanged when `None`.
+    public: Option<bool>,
+    plan: dockerfile::BuildPlan,
+    login: RegistryLogin,
+    options: BuildOptions,
+    /// The build's id, when it was given out before the build ran (E2B's API does that).
+    build_id: Option<String>,
+}
+
+impl Templates {
+    /// Runs `job` on `context` (waiting for a turn), sending its events as JSON (the last
+    /// `done` or `error`); the build's record when it succeeded.
+    async fn run(
+        &self,
+        job: BuildJob,
+        context: &Path,
+        send: &mut (dyn FnMut(Value) + Send),
+    ) -> Option<BuildRecord> {
+        let _turn = self.builds.acquire().await.ok()?;
+        let began = Instant::now();
+        let plan = &job.plan;
+        let mut progress = |line: &str| send(json!({ "type": "base", "message": line }));
+        let base = self.base(&job.team, &plan.from, context, &job.login, &mut progress).await;
+        let base = match base {
+            Ok(base) => base,
+            Err(message) => {
+                let message = format!("FROM {}: {message}", plan.from);
+                send(json!({ "type": "error", "line": 1, "message": message }));
+                return None;
+            }
+        };
+        let mut events =
+            |event: BuildEvent| send(serde_json::to_value(event).unwrap_or(Value::Null));
+        let options = BuildOptions { network: self.settings.build_network, ..job.options.clone() };
+        let built = self.builder.build(plan, base, context, &options, &mut events).await;
+        let image = match built {
+            Ok(image) => image,
+            Err(BuildError::Step { line, message, output }) => {
+                send(
+                    json!({ "type": "error", "line": line, "message": message, "output": output }),
+                );
+                return None;
+            }
+            Err(error) => {
+                send(json!({ "type": "error", "message": error.to_string() }));
+                return None;
+            }
+        };
+        let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match self.record_build(&job, image, duration_ms) {
+            Ok(build) => {
+                send(json!({
+                    "type": "done",
+                    "template": build.name,
+                    "tag": job.reference.tag,
+                    "build_id": build.build_id,
+                    "layers": build.image.layers.len(),
+                    "size_bytes": build.size_bytes,
+                    "duration_ms": build.duration_ms,
+                }));
+                Some(build)
+            }
+            Err(error) => {
+                send(json!({ "type": "error", "message": error.to_string() }));
+                None
+            }
+        }
     }
 }
 
@@ -729,66 +809,25 @@ async fn build(
     let plan = dockerfile::plan(&text)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_dockerfile", e.to_string()))?;
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let team = principal.team.clone();
-    tokio::spawn(async move {
-        let send = |value: Value| {
-            let _ = sender.send(value);
-        };
-        let Ok(_turn) = templates.builds.acquire().await else { return };
-        let began = Instant::now();
-        let reference = query
+    let job = BuildJob {
+        team: principal.team.clone(),
+        reference: query
             .reference
             .clone()
-            .unwrap_or_else(|| Reference { name: String::new(), tag: "latest".into() });
+            .unwrap_or_else(|| Reference { name: String::new(), tag: "latest".into() }),
+        extra_tags: Vec::new(),
+        public: query.public,
+        plan,
+        login,
+        options: query.options,
+        build_id: None,
+    };
+    tokio::spawn(async move {
         let context = context;
-        let mut progress = |line: &str| send(json!({ "type": "base", "message": line }));
-        let base = templates.base(&team, &plan.from, &context.dir, &login, &mut progress).await;
-        let base = match base {
-            Ok(base) => base,
-            Err(message) => {
-                send(
-                    json!({ "type": "error", "line": 1, "message": format!("FROM {}: {message}", plan.from) }),
-                );
-                return;
-            }
+        let mut send = |value: Value| {
+            let _ = sender.send(value);
         };
-        let mut events =
-            |event: BuildEvent| send(serde_json::to_value(event).unwrap_or(Value::Null));
-        let options = BuildOptions { network: templates.settings.build_network, ..query.options };
-        let built = templates.builder.build(&plan, base, &context.dir, &options, &mut events).await;
-        let image = match built {
-            Ok(image) => image,
-            Err(BuildError::Step { line, message, output }) => {
-                send(
-                    json!({ "type": "error", "line": line, "message": message, "output": output }),
-                );
-                return;
-            }
-            Err(error) => {
-                send(json!({ "type": "error", "message": error.to_string() }));
-                return;
-            }
-        };
-        let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match templates.record_build(
-            &team,
-            &reference,
-            query.public,
-            &plan.from,
-            image,
-            duration_ms,
-        ) {
-            Ok(build) => send(json!({
-                "type": "done",
-                "template": build.name,
-                "tag": reference.tag,
-                "build_id": build.build_id,
-                "layers": build.image.layers.len(),
-                "size_bytes": build.size_bytes,
-                "duration_ms": build.duration_ms,
-            })),
-            Err(error) => send(json!({ "type": "error", "message": error.to_string() })),
-        }
+        templates.run(job, &context.dir, &mut send).await;
     });
     let lines = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).map(|value| {
         let mut line = serde_json::to_vec(&value).unwrap_or_default();

@@ -81,7 +81,7 @@ pub(crate) struct E2bError {
 }
 
 impl E2bError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), retry_after: None }
     }
 }
@@ -188,7 +188,7 @@ fn manager(app: &App) -> Result<&Arc<SandboxManager>, E2bError> {
 /// A request's body; one that cannot be read (too large, cut short) is an error in E2B's
 /// shape.
 #[derive(Debug)]
-pub(crate) struct E2bBody(Bytes);
+pub(crate) struct E2bBody(pub(crate) Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for E2bBody {
     type Rejection = E2bError;
@@ -202,7 +202,7 @@ impl<S: Send + Sync> FromRequest<S> for E2bBody {
 }
 
 /// Parses a JSON body; an empty body is `{}`.
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, E2bError> {
+pub(crate) fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, E2bError> {
     let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }

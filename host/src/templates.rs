@@ -41,6 +41,8 @@ use crate::app::App;
 use crate::auth::Principal;
 use crate::server::ApiError;
 
+mod e2b;
+
 /// The store's tree of templates, by `team\0name`.
 const TEMPLATES: &str = "templates";
 /// The store's tree of builds, by id.
@@ -177,6 +179,8 @@ pub struct Templates {
     builder: Builder,
     dir: PathBuf,
     settings: TemplateSettings,
+    /// The builds asked for through E2B's API.
+    e2b_builds: e2b::E2bBuilds,
     /// A place for each build running.
     builds: tokio::sync::Semaphore,
 }
@@ -199,6 +203,7 @@ impl Templates {
             builder,
             dir: dir.to_owned(),
             settings,
+            e2b_builds: e2b::E2bBuilds::default(),
             builds: tokio::sync::Semaphore::new(PARALLEL_BUILDS),
         })
     }
@@ -363,7 +368,10 @@ impl Templates {
     ) -> Result<BuildRecord, StoreError> {
         let (team, reference) = (&job.team, &job.reference);
         let mut template = self.record(team, &reference.name)?.unwrap_or_else(|| TemplateRecord {
-            id: format!("tpl_{}", uuid::Uuid::new_v4().simple()),
+            id: job
+                .template_id
+                .clone()
+                .unwrap_or_else(|| format!("tpl_{}", uuid::Uuid::new_v4().simple())),
             team: team.to_owned(),
             name: reference.name.clone(),
             public: false,
@@ -541,6 +549,8 @@ struct BuildJob {
     options: BuildOptions,
     /// The build's id, when it was given out before the build ran (E2B's API does that).
     build_id: Option<String>,
+    /// The template's id, likewise, for a template that is new.
+    template_id: Option<String>,
 }
 
 impl Templates {
@@ -652,7 +662,7 @@ fn templates_of(app: &App) -> Result<&Arc<Templates>, ApiError> {
 
 /// The routes of the templates API.
 pub(crate) fn routes() -> Router<App> {
-    Router::new()
+    e2b::routes()
         .route("/v1/templates/build", post(build))
         .route("/v1/templates", get(list))
         .route("/v1/templates/{name}", get(inspect).delete(delete).patch(update))
@@ -821,6 +831,7 @@ async fn build(
         login,
         options: query.options,
         build_id: None,
+        template_id: None,
     };
     tokio::spawn(async move {
         let context = context;

@@ -286,20 +286,21 @@ impl Builder {
                     fold(&mut key, &format!("WORKDIR {path}"));
                     if !self.exists(&image, &path)? {
                         let owner = uid_of(image.build_user());
-                        let layer = self.directory_layer(&path, owner)?;
+                        let layer = self.directory_layer(&image, &path, owner)?;
                         fold(&mut key, &layer);
                         events(BuildEvent::Layer { number, digest: layer.clone() });
                         image.layers.push(layer);
                     }
                     image.config.workdir = Some(path);
                 }
-                Action::Copy { sources, dest, chown } => {
+                Action::Copy { sources, dest, chown, chmod } => {
                     let vars = vars(&image, &args);
-                    let owner = match chown {
+                    let (uid, gid) = match chown {
                         Some(chown) => owner_of(&substitute(chown, &vars))
                             .map_err(|message| step_error(line, message))?,
                         None => (0, 0),
                     };
+                    let owner = CopyAs { uid, gid, mode: *chmod };
                     let dest = substitute(dest, &vars);
                     let sources: Vec<String> =
                         sources.iter().map(|s| substitute(s, &vars)).collect();
@@ -316,7 +317,7 @@ impl Builder {
                     let sources: Vec<String> =
                         sources.iter().map(|s| substitute(s, &vars)).collect();
                     let layer = self
-                        .copy_layer(context, &sources, &dest, &image, (0, 0), true)
+                        .copy_layer(context, &sources, &dest, &image, CopyAs::ROOT, true)
                         .map_err(|e| with_line(e, line))?;
                     fold(&mut key, &layer);
                     events(BuildEvent::Layer { number, digest: layer.clone() });
@@ -452,17 +453,51 @@ impl Builder {
     }
 
     /// A layer holding the directory `path` (and its parents), owned by `owner`.
-    fn directory_layer(&self, path: &str, owner: u64) -> Result<String, BuildError> {
+    fn directory_layer(
+        &self,
+        image: &BuiltImage,
+        path: &str,
+        owner: u64,
+    ) -> Result<String, BuildError> {
         let mut tar = tar::Builder::new(Vec::new());
-        let mut so_far = PathBuf::new();
-        for part in Path::new(path.trim_start_matches('/')).components() {
-            so_far.push(part);
-            let mut header = directory_header(0o755, owner, owner);
-            tar.append_data(&mut header, &so_far, io::empty())
-                .map_err(io_error("writing a WORKDIR layer"))?;
-        }
+        self.append_dirs(&mut tar, image, Path::new(path), (owner, owner))?;
         let bytes = tar.into_inner().map_err(io_error("writing a WORKDIR layer"))?;
         Ok(self.store.import(bytes.as_slice(), None)?)
+    }
+
+    /// Appends the directories of `path` (relative to the root, itself included): those a
+    /// layer of `image` has with the topmost one's owner and mode (a layer's entry replaces
+    /// the directory below it), the others owned by `owner`, except the sandbox user's home,
+    /// which is the user's wherever it is made (as init makes it).
+    fn append_dirs(
+        &self,
+        tar: &mut tar::Builder<Vec<u8>>,
+        image: &BuiltImage,
+        path: &Path,
+        owner: (u64, u64),
+    ) -> Result<(), BuildError> {
+        let layers = self.store.paths(&image.layers)?;
+        let mut so_far = PathBuf::new();
+        for part in path.components().filter(|c| matches!(c, Component::Normal(_))) {
+            so_far.push(part);
+            let existing = layers
+                .iter()
+                .rev()
+                .find_map(|layer| fs::symlink_metadata(layer.join(&so_far)).ok())
+                .filter(|metadata| metadata.is_dir());
+            let user = u64::from(SANDBOX_UID);
+            let (mode, uid, gid) = match existing {
+                Some(m) => (m.mode() & 0o7777, sandbox_id(m.uid()), sandbox_id(m.gid())),
+                None if Path::new("/").join(&so_far) == Path::new(SANDBOX_HOME) => {
+                    (0o755, user, user)
+                }
+                None => (0o755, owner.0, owner.1),
+            };
+            let mut header = directory_header(mode, uid, gid);
+            tar.append_data(&mut header, &so_far, io::empty())
+                .map_err(io_error("writing a layer's directories"))?;
+        }
+        Ok(())
     }
 
     /// A layer with `sources` (paths in `context`) copied to `dest`, owned by `owner`; with
@@ -473,7 +508,7 @@ impl Builder {
         sources: &[String],
         dest: &str,
         image: &BuiltImage,
-        owner: (u64, u64),
+        owner: CopyAs,
         unpack_archives: bool,
     ) -> Result<String, BuildError> {
         let dest_is_dir = dest.ends_with('/') || sources.len() > 1;
@@ -481,16 +516,9 @@ impl Builder {
         let dest = PathBuf::from(dest.trim_start_matches('/'));
         let mut tar = tar::Builder::new(Vec::new());
         tar.follow_symlinks(false);
-        // The destination's parents.
-        let mut so_far = PathBuf::new();
-        let parents: Vec<Component<'_>> = dest.components().collect();
-        let keep = if dest_is_dir { parents.len() } else { parents.len().saturating_sub(1) };
-        for part in &parents[..keep] {
-            so_far.push(part);
-            let mut header = directory_header(0o755, owner.0, owner.1);
-            tar.append_data(&mut header, &so_far, io::empty())
-                .map_err(io_error("writing a COPY layer"))?;
-        }
+        // The destination's directories that are missing.
+        let parents = if dest_is_dir { dest.as_path() } else { dest.parent().unwrap_or(&dest) };
+        self.append_dirs(&mut tar, image, parents, (owner.uid, owner.gid))?;
         for source in sources {
             let path = in_context(context, source).map_err(|m| step_error(0, m))?;
             let metadata = fs::symlink_metadata(&path).map_err(|e| {
@@ -836,24 +864,43 @@ fn directory_header(mode: u32, uid: u64, gid: u64) -> tar::Header {
     header
 }
 
+/// The id inside the sandbox of a host id of a layer's file.
+fn sandbox_id(host: u32) -> u64 {
+    u64::from(host.saturating_sub(crate::SANDBOX_UID_BASE))
+}
+
+/// Who owns what a `COPY` writes, and its mode (`--chmod`; else the source's).
+#[derive(Debug, Clone, Copy)]
+struct CopyAs {
+    uid: u64,
+    gid: u64,
+    mode: Option<u32>,
+}
+
+impl CopyAs {
+    /// Root's, with the sources' modes.
+    const ROOT: Self = Self { uid: 0, gid: 0, mode: None };
+}
+
 /// Appends the file, link or directory at `path` as `target`, with fixed times.
 fn append_entry(
     tar: &mut tar::Builder<Vec<u8>>,
     path: &Path,
     target: &Path,
-    owner: (u64, u64),
+    owner: CopyAs,
 ) -> Result<(), BuildError> {
     let failed = io_error(format!("copying {}", path.display()));
     let metadata =
         fs::symlink_metadata(path).map_err(io_error(format!("reading {}", path.display())))?;
+    let mode = owner.mode.unwrap_or(metadata.mode() & 0o777);
     let mut header = tar::Header::new_gnu();
-    header.set_mode(metadata.mode() & 0o777);
-    header.set_uid(owner.0);
-    header.set_gid(owner.1);
+    header.set_mode(mode);
+    header.set_uid(owner.uid);
+    header.set_gid(owner.gid);
     header.set_mtime(0);
     let kind = metadata.file_type();
     if kind.is_dir() {
-        let mut header = directory_header(metadata.mode() & 0o777, owner.0, owner.1);
+        let mut header = directory_header(mode, owner.uid, owner.gid);
         tar.append_data(&mut header, target, io::empty()).map_err(failed)
     } else if kind.is_symlink() {
         header.set_entry_type(tar::EntryType::Symlink);
@@ -875,7 +922,7 @@ fn append_tree(
     tar: &mut tar::Builder<Vec<u8>>,
     dir: &Path,
     target: &Path,
-    owner: (u64, u64),
+    owner: CopyAs,
 ) -> Result<(), BuildError> {
     let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
         .and_then(|entries| entries.collect())

@@ -53,6 +53,8 @@ pub enum Action {
         dest: String,
         /// `--chown`, if given.
         chown: Option<String>,
+        /// `--chmod` (octal), if given.
+        chmod: Option<u32>,
     },
     /// Like `Copy`, and unpacks local archives.
     Add {
@@ -155,9 +157,23 @@ pub fn plan(text: &str) -> Result<BuildPlan, DockerfileError> {
                     }
                     Instruction::Copy(copy) => {
                         let mut chown = None;
+                        let mut chmod = None;
                         for flag in &copy.options {
                             match (flag.name.value.as_ref(), &flag.value) {
                                 ("chown", Some(value)) => chown = Some(value.value.to_string()),
+                                ("chmod", Some(value)) => {
+                                    let mode = u32::from_str_radix(&value.value, 8)
+                                        .ok()
+                                        .filter(|mode| *mode <= 0o7777)
+                                        .ok_or_else(|| {
+                                            let message = format!(
+                                                "COPY --chmod={}: an octal mode",
+                                                value.value
+                                            );
+                                            refuse(&copy.copy.span, message)
+                                        })?;
+                                    chmod = Some(mode);
+                                }
                                 (name, _) => {
                                     let message = format!("COPY --{name} is not supported");
                                     return Err(refuse(&copy.copy.span, message));
@@ -166,7 +182,8 @@ pub fn plan(text: &str) -> Result<BuildPlan, DockerfileError> {
                         }
                         let sources = paths(&copy.src).map_err(|m| refuse(&copy.copy.span, m))?;
                         let dest = copy.dest.value.to_string();
-                        steps.push(step(&copy.copy.span, Action::Copy { sources, dest, chown }));
+                        let copy_action = Action::Copy { sources, dest, chown, chmod };
+                        steps.push(step(&copy.copy.span, copy_action));
                     }
                     Instruction::Add(add) => {
                         if let Some(flag) = add.options.first() {
@@ -389,7 +406,8 @@ CMD [\"--port\", \"8080\"]
             &Action::Copy {
                 sources: argv(&["app.py", "lib/"]),
                 dest: "/app/".to_owned(),
-                chown: Some("1000:1000".to_owned())
+                chown: Some("1000:1000".to_owned()),
+                chmod: None,
             }
         );
         assert_eq!(

@@ -90,7 +90,7 @@ pub fn unpack(archive: impl Read, into: &Path) -> Result<UnpackedLayer, LayerErr
         let header = entry.header().clone();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            root.create_dir_all(parent).map_err(written)?;
+            make_parents(&root, parent, as_root).map_err(written)?;
         }
         if name == OPAQUE_MARKER {
             let dir = path.parent().unwrap_or(Path::new(""));
@@ -179,6 +179,23 @@ fn parent_of<'a>(root: &Dir, path: &'a Path) -> std::io::Result<(Dir, &'a std::f
         None => root.try_clone()?,
     };
     Ok((parent, path.file_name().unwrap_or_default()))
+}
+
+/// Makes the directories of `dir` that the archive did not list (0755, the sandbox root's as
+/// root: a directory the sandbox cannot map would deny even its root).
+fn make_parents(root: &Dir, dir: &Path, as_root: bool) -> std::io::Result<()> {
+    let mut so_far = PathBuf::new();
+    for part in dir.components() {
+        so_far.push(part);
+        if root.symlink_metadata(&so_far).is_ok() {
+            continue;
+        }
+        root.create_dir(&so_far)?;
+        if as_root {
+            own(root, &so_far, &tar::Header::new_gnu())?;
+        }
+    }
+    Ok(())
 }
 
 /// Gives `path` the sandbox's ids for the entry's uid and gid (without following a symlink).

@@ -93,6 +93,11 @@ fn a_layer_unpacks_with_safe_modes_links_and_the_sandboxes_ids() {
     if is_root() {
         let owner = std::fs::metadata(&tool).expect("meta").uid();
         assert_eq!(owner, soulbox_native::SANDBOX_UID_BASE, "the sandbox's root owns it");
+        // A directory the archive did not list is made for the sandbox's root too (one the
+        // sandbox cannot map would deny even its root).
+        let implicit = std::fs::metadata(dir.path().join("etc")).expect("etc");
+        assert_eq!(implicit.uid(), soulbox_native::SANDBOX_UID_BASE);
+        assert_eq!(implicit.permissions().mode() & 0o7777, 0o755);
     }
 }
 

@@ -298,3 +298,36 @@ async fn a_playwright_script_in_a_sandbox_clicks_a_page_served_there_and_returns
     let png = std::fs::read(&screenshot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
 }
+
+#[tokio::test]
+async fn the_e2b_sdk_builds_a_template_through_e2b_s_own_api() {
+    if soulbox_tests::native_backend().is_none() {
+        return;
+    }
+    let pythons = match crate::e2b_sdk::sdk_pythons() {
+        Ok(pythons) => pythons,
+        Err(reason) => {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/template_build.py");
+    for python in pythons {
+        // A server of its own for each SDK: the first build is not cached.
+        let (base, _data, _app) = soulbox_tests::serve_app().await;
+        let output = tokio::process::Command::new(&python)
+            .arg(&script)
+            .env("E2B_API_URL", &base)
+            .env("E2B_SANDBOX_URL", &base)
+            .env("E2B_API_KEY", TEST_API_KEY)
+            .env_remove("E2B_DEBUG")
+            .env_remove("E2B_DOMAIN")
+            .output()
+            .await
+            .expect("python runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}:\n{stdout}\n{stderr}", python.display());
+        assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{stdout}\n{stderr}");
+    }
+}

@@ -146,6 +146,11 @@ fn now_ms() -> u64 {
     since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A new build id: a UUID, as E2B's are (its SDK parses them).
+fn new_build_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 fn template_key(team: &str, name: &str) -> String {
     format!("{team}\u{0}{name}")
 }
@@ -221,6 +226,11 @@ impl Templates {
 
     fn record(&self, team: &str, name: &str) -> Result<Option<TemplateRecord>, StoreError> {
         self.store.get(TEMPLATES, &template_key(team, name))
+    }
+
+    /// Saves `template`'s record.
+    fn save(&self, template: &TemplateRecord) -> Result<(), StoreError> {
+        self.store.put(TEMPLATES, &template_key(&template.team, &template.name), template)
     }
 
     /// Every template.
@@ -387,10 +397,7 @@ impl Templates {
             .map(|paths| paths.iter().map(|p| dir_size(p)).sum())
             .unwrap_or(0);
         let build = BuildRecord {
-            build_id: job
-                .build_id
-                .clone()
-                .unwrap_or_else(|| format!("bld_{}", uuid::Uuid::new_v4().simple())),
+            build_id: job.build_id.clone().unwrap_or_else(new_build_id),
             template_id: template.id.clone(),
             team: team.to_owned(),
             name: reference.name.clone(),
@@ -404,7 +411,7 @@ impl Templates {
         for tag in std::iter::once(&reference.tag).chain(&job.extra_tags) {
             template.tags.insert(tag.clone(), build.build_id.clone());
         }
-        self.store.put(TEMPLATES, &template_key(team, &reference.name), &template)?;
+        self.save(&template)?;
         Ok(build)
     }
 
@@ -989,10 +996,7 @@ async fn set_tag(
         ));
     }
     template.tags.insert(tag, request.build_id);
-    templates
-        .store
-        .put(TEMPLATES, &template_key(&template.team, &template.name), &template)
-        .map_err(store_error)?;
+    templates.save(&template).map_err(store_error)?;
     Ok(Json(json!({ "name": template.name, "tags": template.tags })))
 }
 
@@ -1012,10 +1016,7 @@ async fn update(
     let templates = templates_of(&app)?;
     let mut template = own_template(templates, &principal.team, &name)?;
     template.public = request.public;
-    templates
-        .store
-        .put(TEMPLATES, &template_key(&template.team, &template.name), &template)
-        .map_err(store_error)?;
+    templates.save(&template).map_err(store_error)?;
     Ok(Json(json!({ "name": template.name, "public": template.public })))
 }
 

@@ -854,7 +854,7 @@ fn the_cli_builds_a_template_from_a_dockerfile_and_manages_it() {
         .split("built cli-app:v1 (")
         .nth(1)
         .and_then(|rest| rest.split(',').next())
-        .filter(|id| id.starts_with("bld_"))
+        .filter(|id| id.len() == 36 && id.matches('-').count() == 4)
         .unwrap_or_else(|| panic!("no build line: {stdout}"))
         .to_owned();
 

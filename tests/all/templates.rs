@@ -123,7 +123,8 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     let url = format!("{base}/v1/templates/my-app/tags/stable");
     let (status, _, _) = http_request("PUT", &url, tag(&first_build)).await;
     assert_eq!(status, 200);
-    let (status, _, _) = http_request("PUT", &url, tag("bld_nope")).await;
+    let (status, _, _) =
+        http_request("PUT", &url, tag("00000000-0000-4000-8000-000000000000")).await;
     assert_eq!(status, 404);
 
     // The official SDK makes sandboxes of it (by name, and by name:tag).
@@ -158,7 +159,7 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     let metrics = String::from_utf8_lossy(&metrics);
     let hits = metrics
         .lines()
-        .find(|l| l.starts_with("soulbox_pool_hits_total{") && l.contains("pool=\"template:bld_"))
+        .find(|l| l.starts_with("soulbox_pool_hits_total{") && l.contains("pool=\"template:"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse::<u64>().ok());
     if crate::e2b_sdk::sdk_pythons().is_ok() {

@@ -31,7 +31,16 @@ def main():
     assert Template.exists("sdk-app")
     assert not Template.exists("no-such-template")
 
-    sandbox = Sandbox.create("sdk-app:v1", timeout=120)
+    # Tags: assigned to the build a name:tag points at, listed, removed.
+    assigned = Template.assign_tags("sdk-app:v1", ["stable", "prod"])
+    assert sorted(assigned.tags) == ["prod", "stable"], assigned
+    listed = {tag.tag: str(tag.build_id) for tag in Template.get_tags("sdk-app")}
+    assert set(listed) == {"v1", "stable", "prod"}, listed
+    assert listed["stable"] == listed["v1"] == str(assigned.build_id), listed
+    Template.remove_tags("sdk-app", ["prod"])
+    assert {tag.tag for tag in Template.get_tags("sdk-app")} == {"v1", "stable"}
+
+    sandbox = Sandbox.create("sdk-app:stable", timeout=120)
     try:
         result = sandbox.commands.run(
             "cat /home/user/who.txt /opt/tool/version; echo $GREETING; pwd; ./app.sh; "

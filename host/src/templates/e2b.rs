@@ -10,6 +10,8 @@
 //! - `GET /templates/{id}/builds/{build}/status?logsOffset=`: the status and the log entries
 //!   after the offset (100 at most).
 //! - `GET /templates/aliases/{alias}`: 200 (the team's), 403 (another team's, private) or 404.
+//! - `POST /templates/tags` `{"target": "name:tag", "tags"}` (201), `DELETE /templates/tags`
+//!   `{"name", "tags"}` (204), `GET /templates/{id or name}/tags`.
 //!
 //! Steps run as `user` unless they name `root` (as E2B's do); `fromImage` E2B's base image
 //! (`e2bdev/base`) is SoulBox's `base`.
@@ -52,6 +54,8 @@ pub(crate) fn routes() -> Router<App> {
         .route("/v2/templates/{template}/builds/{build}", post(start_build))
         .route("/templates/{template}/builds/{build}/status", get(build_status))
         .route("/templates/aliases/{alias}", get(alias_exists))
+        .route("/templates/tags", post(assign_tags).delete(remove_tags))
+        .route("/templates/{template}/tags", get(list_tags))
 }
 
 /// A build the SDK asked for, until it is done (then its logs stay for the SDK to read).
@@ -131,7 +135,7 @@ async fn request_build(
         .as_ref()
         .map_or_else(|| format!("tpl_{}", uuid::Uuid::new_v4().simple()), |t| t.id.clone());
     let public = existing.is_some_and(|t| t.public);
-    let build_id = format!("bld_{}", uuid::Uuid::new_v4().simple());
+    let build_id = super::new_build_id();
     let mut tags = vec![reference.tag.clone()];
     tags.extend(request.tags.iter().cloned());
     let answer = json!({
@@ -514,6 +518,96 @@ async fn alias_exists(
         ));
     }
     Err(E2bError::new(StatusCode::NOT_FOUND, format!("template {alias} not found")))
+}
+
+fn internal(error: impl std::fmt::Display) -> E2bError {
+    E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+}
+
+#[derive(Debug, Deserialize)]
+struct AssignTags {
+    target: String,
+    tags: Vec<String>,
+}
+
+/// `POST /templates/tags`: points more tags at the build `target` names.
+async fn assign_tags(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    E2bBody(bytes): E2bBody,
+) -> Result<Response, E2bError> {
+    let templates = templates_of(&app)?;
+    let request: AssignTags = body(&bytes)?;
+    for tag in &request.tags {
+        check_tag(tag).map_err(bad)?;
+    }
+    let target = parse_reference(&request.target).map_err(bad)?;
+    let mut template =
+        templates.record(&principal.team, &target.name).map_err(internal)?.ok_or_else(|| {
+            E2bError::new(StatusCode::NOT_FOUND, format!("template {} not found", target.name))
+        })?;
+    let build = template.tags.get(&target.tag).cloned().ok_or_else(|| {
+        E2bError::new(
+            StatusCode::NOT_FOUND,
+            format!("template {} has no tag {}", target.name, target.tag),
+        )
+    })?;
+    for tag in &request.tags {
+        template.tags.insert(tag.clone(), build.clone());
+    }
+    templates.save(&template).map_err(internal)?;
+    let answer = json!({ "buildID": build, "tags": request.tags });
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoveTags {
+    name: String,
+    tags: Vec<String>,
+}
+
+/// `DELETE /templates/tags`.
+async fn remove_tags(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    E2bBody(bytes): E2bBody,
+) -> Result<StatusCode, E2bError> {
+    let templates = templates_of(&app)?;
+    let request: RemoveTags = body(&bytes)?;
+    let mut template =
+        templates.record(&principal.team, &request.name).map_err(internal)?.ok_or_else(|| {
+            E2bError::new(StatusCode::NOT_FOUND, format!("template {} not found", request.name))
+        })?;
+    for tag in &request.tags {
+        template.tags.remove(tag);
+    }
+    templates.save(&template).map_err(internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /templates/{id or name}/tags`.
+async fn list_tags(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    UrlPath(template): UrlPath<String>,
+) -> Result<Json<Value>, E2bError> {
+    let templates = templates_of(&app)?;
+    let found = templates
+        .all()
+        .map_err(internal)?
+        .into_iter()
+        .find(|t| t.team == principal.team && (t.id == template || t.name == template))
+        .ok_or_else(|| {
+            E2bError::new(StatusCode::NOT_FOUND, format!("template {template} not found"))
+        })?;
+    let mut tags = Vec::new();
+    for (tag, build) in &found.tags {
+        let created = templates.build(build).map_err(internal)?.map_or(0, |b| b.created_at_ms);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(created);
+        let created_at = humantime::format_rfc3339_millis(at).to_string();
+        tags.push(json!({ "tag": tag, "buildID": build, "createdAt": created_at }));
+    }
+    Ok(Json(Value::Array(tags)))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The official E2B Python SDK against `soulbox serve` on loopback: per template, a new
 //! sandbox to its first command's result, and a new sandbox to `run_code('1+1')`'s result,
 //! p50 and p99, with E2B's and Daytona's published medians for the same flow beside them.
+//! The templates are SoulBox's own and one built from a Dockerfile for the run
+//! ([`BUILT_TEMPLATE`]: its own layers, start command, ready check and pool).
 //!
 //! The timing is done by `benches/sdk/e2b_flow.py` with the real SDK (from the virtualenv
 //! `.ci/run` makes in `target/e2b-venv`, or `SOULBOX_E2B_PYTHON`); without it, or without root
@@ -29,9 +31,20 @@ fn sdk_python() -> Option<PathBuf> {
     probe.is_ok_and(|out| out.status.success()).then_some(python)
 }
 
-/// The target of a row: commands in `base` and `code-interpreter-v1` run natively.
+/// The template built for the run, and its Dockerfile.
+const BUILT_TEMPLATE: &str = "built-app";
+const BUILT_DOCKERFILE: &str = "FROM base\n\
+    RUN mkdir -p /opt/app && echo 'print(\"app\")' > /opt/app/main.py\n\
+    ENV APP_HOME=/opt/app\n\
+    WORKDIR /home/user\n\
+    CMD [\"sleep\", \"infinity\"]\n\
+    HEALTHCHECK CMD [\"test\", \"-d\", \"/opt/app\"]\n";
+
+/// The target of a row: commands in `base`, `code-interpreter-v1` and built templates run
+/// natively.
 fn target_ms(flow: &str, template: &str) -> f64 {
-    let native = flow.contains("command") && matches!(template, "base" | "code-interpreter-v1");
+    let native = flow.contains("command")
+        && matches!(template, "base" | "code-interpreter-v1" | BUILT_TEMPLATE);
     if native { TARGET_NATIVE_MS } else { TARGET_WASM_MS }
 }
 
@@ -48,12 +61,20 @@ fn main() {
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
     let (base, _data) = runtime.block_on(soulbox_tests::serve_with_manager());
+    let context = tempfile::tempdir().expect("a build context");
+    std::fs::write(context.path().join("Dockerfile"), BUILT_DOCKERFILE).expect("Dockerfile");
+    let query = format!("name={BUILT_TEMPLATE}");
+    let (status, events) =
+        runtime.block_on(soulbox_tests::build_template(&base, context.path(), &query));
+    let done = events.last().is_some_and(|event| event["type"] == "done");
+    assert!(status == 200 && done, "building {BUILT_TEMPLATE}: {events:?}");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/e2b_flow.py");
     let output = std::process::Command::new(python)
         .arg(&script)
         .env("E2B_API_URL", &base)
         .env("E2B_SANDBOX_URL", &base)
-        .env("E2B_API_KEY", "e2b_0000000000000000000000000000000000000000")
+        .env("E2B_API_KEY", soulbox_tests::TEST_API_KEY)
+        .env("SOULBOX_BENCH_BUILT_TEMPLATE", BUILT_TEMPLATE)
         .env_remove("E2B_DEBUG")
         .env_remove("E2B_DOMAIN")
         .output()

@@ -14,6 +14,8 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 ITERATIONS = int(os.environ.get("SOULBOX_BENCH_ITERATIONS", "50"))
 WARMUP = 3
 TEMPLATES = ["base", "code-interpreter-v1", "python", "javascript", "ruby"]
+# A template built from a Dockerfile for the run: commands only (it has no code interpreter).
+BUILT = os.environ.get("SOULBOX_BENCH_BUILT_TEMPLATE")
 
 
 def first_command(template):
@@ -54,7 +56,7 @@ def row(flow, template, measure):
     }), flush=True)
 
 
-for template in TEMPLATES:
+for template in TEMPLATES + ([BUILT] if BUILT else []):
     row("create + first command", template, first_command)
 for template in TEMPLATES:
     row("create + run_code('1+1')", template, first_cell)

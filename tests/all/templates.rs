@@ -8,33 +8,6 @@ use std::path::Path;
 use serde_json::Value;
 use soulbox_tests::{TEST_API_KEY, http_request, http_request_with};
 
-/// The build context `dir` as a gzip tar.
-fn pack(dir: &Path) -> Vec<u8> {
-    let gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gzip);
-    tar.follow_symlinks(false);
-    tar.append_dir_all(".", dir).expect("pack the context");
-    tar.into_inner().expect("tar").finish().expect("gzip")
-}
-
-/// Builds `context` as `name` (a query string of more parameters may follow); the status and
-/// the events.
-async fn build(base: &str, context: &Path, query: &str) -> (u16, Vec<Value>) {
-    let url = format!("{base}/v1/templates/build?{query}");
-    let headers = [("x-api-key", TEST_API_KEY), ("content-type", "application/gzip")];
-    let (status, _, body) = http_request_with("POST", &url, &headers, Some(pack(context))).await;
-    let events = body
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| {
-            serde_json::from_slice(line).unwrap_or_else(
-                |_| serde_json::json!({ "unparsed": String::from_utf8_lossy(line) }),
-            )
-        })
-        .collect();
-    (status, events)
-}
-
 fn last(events: &[Value]) -> &Value {
     events.last().expect("at least one event")
 }
@@ -73,7 +46,8 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
         })
     })
     .await;
-    let (status, events) = build(&base, context.path(), "name=my-app&tag=v1").await;
+    let (status, events) =
+        soulbox_tests::build_template(&base, context.path(), "name=my-app&tag=v1").await;
     assert_eq!(status, 200, "{events:?}");
     let done = last(&events);
     assert_eq!(done["type"], "done", "{events:?}");
@@ -92,7 +66,8 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     );
 
     // Unchanged, it rebuilds from the cache: no RUN runs.
-    let (status, events) = build(&base, context.path(), "name=my-app").await;
+    let (status, events) =
+        soulbox_tests::build_template(&base, context.path(), "name=my-app").await;
     assert_eq!(status, 200);
     assert_eq!(last(&events)["type"], "done", "{events:?}");
     assert_eq!(events.iter().filter(|e| e["type"] == "cached").count(), 2, "{events:?}");
@@ -193,7 +168,7 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
     // A malformed Dockerfile: refused at once, with the line.
     std::fs::write(context.path().join("Dockerfile"), "FROM base\nRUN true\nFROBNICATE x\n")
         .expect("write");
-    let (status, events) = build(&base, context.path(), "name=bad").await;
+    let (status, events) = soulbox_tests::build_template(&base, context.path(), "name=bad").await;
     assert_eq!(status, 400, "{events:?}");
     assert!(
         events[0]["error"]["message"].as_str().is_some_and(|m| m.contains("line 3")),
@@ -203,7 +178,8 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
     // A failing RUN: the error names the line and carries the output; no template is made.
     let failing = "FROM oci:busybox-oci:latest\nRUN echo building\nRUN echo broken >&2; exit 7\n";
     std::fs::write(context.path().join("Dockerfile"), failing).expect("write");
-    let (status, events) = build(&base, context.path(), "name=broken").await;
+    let (status, events) =
+        soulbox_tests::build_template(&base, context.path(), "name=broken").await;
     assert_eq!(status, 200);
     let error = last(&events);
     assert_eq!(error["type"], "error", "{events:?}");
@@ -216,7 +192,7 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
     // A base that is neither a template, a local image nor reachable: a clear error.
     std::fs::write(context.path().join("Dockerfile"), "FROM oci:missing-layout\nRUN true\n")
         .expect("write");
-    let (_, events) = build(&base, context.path(), "name=nobase").await;
+    let (_, events) = soulbox_tests::build_template(&base, context.path(), "name=nobase").await;
     let error = last(&events);
     assert_eq!(error["type"], "error", "{events:?}");
     assert!(
@@ -228,7 +204,8 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
     let nowhere = format!("127.0.0.1:{}", soulbox_tests::free_port());
     let dockerfile = format!("FROM {nowhere}/team/app:v1\nRUN true\n");
     std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write");
-    let (_, events) = build(&base, context.path(), "name=unreachable").await;
+    let (_, events) =
+        soulbox_tests::build_template(&base, context.path(), "name=unreachable").await;
     let error = last(&events);
     assert_eq!(error["type"], "error", "{events:?}");
     let message = error["message"].as_str().unwrap_or_default();
@@ -236,7 +213,7 @@ async fn bad_builds_are_refused_with_their_line_and_leave_no_template() {
 
     // Names: one of SoulBox's own, an invalid one, a missing one; an unknown parameter.
     for query in ["name=python", "name=Bad_Name", "tag=v1", "name=ok&colour=blue"] {
-        let (status, events) = build(&base, context.path(), query).await;
+        let (status, events) = soulbox_tests::build_template(&base, context.path(), query).await;
         assert_eq!(status, 400, "{query}: {events:?}");
     }
     // A context that is not a tar archive.
@@ -274,7 +251,7 @@ async fn a_playwright_script_in_a_sandbox_clicks_a_page_served_there_and_returns
         }
     };
     let (base, data, _app) = soulbox_tests::serve_app().await;
-    let (status, events) = build(&base, &template, "name=playwright").await;
+    let (status, events) = soulbox_tests::build_template(&base, &template, "name=playwright").await;
     assert_eq!(status, 200);
     assert_eq!(last(&events)["type"], "done", "{events:?}");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/playwright.py");

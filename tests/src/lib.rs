@@ -447,3 +447,30 @@ pub async fn registry_with_busybox(dir: &Path, with_auth: bool) -> Option<(Regis
     registry.push(&layout, "tests/busybox:latest", extra);
     Some((registry, layout))
 }
+
+/// Builds a template on the server at `base` with `POST /v1/templates/build?{query}`, the
+/// directory `context` sent as a gzip tar; the status and the build's events.
+pub async fn build_template(
+    base: &str,
+    context: &Path,
+    query: &str,
+) -> (u16, Vec<serde_json::Value>) {
+    let gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gzip);
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", context).expect("pack the context");
+    let packed = tar.into_inner().expect("tar").finish().expect("gzip");
+    let url = format!("{base}/v1/templates/build?{query}");
+    let headers = [("x-api-key", TEST_API_KEY), ("content-type", "application/gzip")];
+    let (status, _, body) = http_request_with("POST", &url, &headers, Some(packed)).await;
+    let events = body
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice(line).unwrap_or_else(
+                |_| serde_json::json!({ "unparsed": String::from_utf8_lossy(line) }),
+            )
+        })
+        .collect();
+    (status, events)
+}

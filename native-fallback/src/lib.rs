@@ -26,9 +26,14 @@
 //!    a CPU quota. (Groups of servers that are gone are removed when a tier starts.)
 //! 2. **Detached mounts** of the template's layers (`open_tree(OPEN_TREE_CLONE)` +
 //!    `mount_setattr`): the host's `/usr` (plus `/bin`, `/lib*`, `/sbin` where they are
-//!    directories) and an allow-listed copy of `/etc`, read-only, nosuid, nodev.
+//!    directories) and an allow-listed copy of `/etc`, read-only, nosuid, nodev. A template
+//!    built from a Dockerfile ([`build`]) adds its root first: an overlayfs of its layers under
+//!    the sandbox's own writable layer (`fsopen("overlay")` + `fsmount`, made here so that
+//!    overlayfs's `trusted.*` whiteouts work; nosuid, nodev), and has the host's directories
+//!    only if it was built `FROM base`.
 //! 3. **Namespaces**: `clone(CLONE_VM)` with new user, pid, mount, network, UTS and IPC
-//!    namespaces. The child waits until step 5, becomes root of its user namespace (so that it
+//!    namespaces (a template build's step may share the host's network where the server
+//!    allows it: [`SandboxNetwork`]). The child waits until step 5, becomes root of its user namespace (so that it
 //!    keeps its capabilities there across `execve`), sets descriptors 0-2 to `/dev/null` and 3
 //!    to its end of the control socket, resets every signal's disposition and its signal mask
 //!    (nothing of the server's signal handling survives), and `execveat`s the sealed init image
@@ -42,14 +47,16 @@
 //!
 //! 6. Every descriptor above 3 closed, the control socket made close-on-exec; become root of
 //!    the user namespace; make every mount private.
-//! 7. **New root**: a small tmpfs with the layers attached (`move_mount`), links for merged-usr,
-//!    an empty `/home/user`, a private size-limited `/tmp`.
+//! 7. **New root**: a small tmpfs (or the template's overlay) with the layers attached
+//!    (`move_mount`), links for merged-usr, an empty `/home/user` (the sandbox user's), a
+//!    private size-limited `/tmp`.
 //! 8. **Private `/dev`**: a tmpfs with only null, zero, full, random, urandom and tty (bound
 //!    from the host's), a new devpts instance, a size-limited `/dev/shm`.
 //! 9. **Fresh `/proc`** for the new pid namespace, Docker's masked paths hidden (`kcore`,
 //!    `keys`, `timer_list`, `sched_debug`, ...), `sys`, `sysrq-trigger`, `irq`, `bus`, `fs`
 //!    read-only. No `/sys` at all.
-//! 10. **`pivot_root`** into the new root, the old root detached; the root made read-only.
+//! 10. **`pivot_root`** into the new root, the old root detached; the root made read-only
+//!     (a template's stays writable: its writes go to the sandbox's own layer).
 //! 11. Host name; loopback up (the network namespace has nothing else: no network); a new
 //!     cgroup namespace rooted at the sandbox's group.
 //! 12. **rlimits** as a backstop: open files, file size, no core dumps, stack. Init answers
@@ -61,7 +68,8 @@
 //!     read-write, nosuid, nodev, **idmapped** so that files the server owns on disk belong to
 //!     the sandbox user inside and files the sandbox user creates are the server's on disk
 //!     (the WASM tier and the native tier share the workspace without `chown`). Init attaches
-//!     it at `/home/user`.
+//!     it at `/home/user`. A template build's sandbox has none: its `/home/user` is part of
+//!     the layer the step makes.
 //! 14. **Capabilities**: the bounding set emptied; then no supplementary groups and the
 //!     sandbox user (1000) for real, effective and saved ids, which clears the permitted and
 //!     effective sets; the ambient and inheritable sets cleared.

@@ -280,3 +280,26 @@ async fn build_steps_have_the_network_only_where_the_server_allows_it() {
     );
     assert_eq!(std::fs::read_to_string(layer.join("dns.txt")).expect("dns.txt"), host_dns);
 }
+
+#[tokio::test]
+async fn a_build_step_changes_only_its_own_layer_never_the_ones_below() {
+    let Some(setup) = setup() else { return };
+    let layers = setup.builder.store().paths(&setup.base.layers).expect("paths");
+    let passwd = layers[0].join("etc/passwd");
+    let before = std::fs::read(&passwd).expect("passwd");
+    // As the sandbox's root, a step overwrites and deletes what the base layer holds, and tries
+    // to mount over it.
+    let dockerfile = "FROM busybox\nRUN echo pwned > /etc/passwd; rm -f /bin/vi; mount -t tmpfs none /bin && echo mounted; true\n";
+    let (built, events) = build(&setup, dockerfile, &BuildOptions::default()).await;
+    let image = built.unwrap_or_else(|e| panic!("{e}: {events:?}"));
+    let mounted =
+        |e: &BuildEvent| matches!(e, BuildEvent::Output { text, .. } if text == "mounted");
+    assert!(!events.iter().any(mounted), "{events:?}");
+    assert_eq!(std::fs::read(&passwd).expect("passwd"), before, "the base layer is unchanged");
+    assert!(std::fs::symlink_metadata(layers[0].join("bin/vi")).is_ok(), "and keeps its files");
+    // The step's own layer holds the change and the deletion (a whiteout).
+    let own = setup.builder.store().paths(&image.layers).expect("paths").pop().expect("layer");
+    assert_eq!(std::fs::read(own.join("etc/passwd")).expect("changed"), b"pwned\n");
+    let whiteout = std::fs::symlink_metadata(own.join("bin/vi")).expect("a whiteout");
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&whiteout.file_type()));
+}

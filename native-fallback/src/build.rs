@@ -520,7 +520,8 @@ impl Builder {
         let parents = if dest_is_dir { dest.as_path() } else { dest.parent().unwrap_or(&dest) };
         self.append_dirs(&mut tar, image, parents, (owner.uid, owner.gid))?;
         for source in sources {
-            let path = in_context(context, source).map_err(|m| step_error(0, m))?;
+            let path =
+                in_context(context, source).map_err(|m| step_error(0, format!("COPY {m}")))?;
             let metadata = fs::symlink_metadata(&path).map_err(|e| {
                 step_error(0, format!("COPY source `{source}` is not in the build context: {e}"))
             })?;
@@ -831,24 +832,25 @@ fn owner_of(chown: &str) -> Result<(u64, u64), String> {
     }
 }
 
-/// A path of the build context; refuses one that leaves it.
-fn in_context(context: &Path, source: &str) -> Result<PathBuf, String> {
+/// The path `source` names in the build context `context`; refuses one that is missing or
+/// leaves the context (by `..` or through a symbolic link).
+pub fn in_context(context: &Path, source: &str) -> Result<PathBuf, String> {
     let mut path = context.to_owned();
     for component in Path::new(source).components() {
         match component {
             Component::Normal(part) => path.push(part),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(format!("COPY source `{source}` leaves the build context"));
+                return Err(format!("`{source}` leaves the build context"));
             }
         }
     }
     // A symlink in the context must not lead out of it either.
     let real = fs::canonicalize(&path)
-        .map_err(|e| format!("COPY source `{source}` is not in the build context: {e}"))?;
+        .map_err(|e| format!("`{source}` is not in the build context: {e}"))?;
     let root = fs::canonicalize(context).map_err(|e| format!("the build context: {e}"))?;
     if !real.starts_with(&root) {
-        return Err(format!("COPY source `{source}` leads out of the build context"));
+        return Err(format!("`{source}` leads out of the build context"));
     }
     Ok(path)
 }

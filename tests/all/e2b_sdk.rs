@@ -46,24 +46,37 @@ async fn run_script(script: &str) {
         }
     };
     let (base, _data) = serve_with_manager().await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
     for python in pythons {
-        let output = tokio::process::Command::new(&python)
-            .arg(&script)
-            .env("E2B_API_URL", &base)
-            .env("E2B_SANDBOX_URL", &base)
-            .env("E2B_API_KEY", "e2b_0000000000000000000000000000000000000000")
-            .env_remove("E2B_DEBUG")
-            .env_remove("E2B_DOMAIN")
-            .output()
-            .await
-            .expect("python runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let what = format!("{} with {}", script.display(), python.display());
-        assert!(output.status.success(), "{what} ({}):\n{stdout}\n{stderr}", output.status);
-        assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{what}: {stdout}");
+        sdk_script(&python, script, &base, &[]).await;
     }
+}
+
+/// Runs `tests/sdk/<script>` with `python` against the server at `base` (with `env` more);
+/// it must succeed and print `ok` last. Its standard output.
+pub(crate) async fn sdk_script(
+    python: &std::path::Path,
+    script: &str,
+    base: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
+    let output = tokio::process::Command::new(python)
+        .arg(&script)
+        .env("E2B_API_URL", base)
+        .env("E2B_SANDBOX_URL", base)
+        .env("E2B_API_KEY", soulbox_tests::TEST_API_KEY)
+        .envs(env.iter().copied())
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let what = format!("{} with {}", script.display(), python.display());
+    assert!(output.status.success(), "{what} ({}):\n{stdout}\n{stderr}", output.status);
+    assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{what}: {stdout}\n{stderr}");
+    stdout
 }
 
 #[tokio::test]

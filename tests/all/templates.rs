@@ -106,24 +106,10 @@ async fn a_template_built_over_http_makes_sandboxes_for_the_e2b_sdk() {
     match crate::e2b_sdk::sdk_pythons() {
         Err(reason) => eprintln!("SKIPPED (the SDK part): {reason}"),
         Ok(pythons) => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/templates.py");
             for (python, template) in pythons.iter().zip(["my-app", "my-app:stable"].iter().cycle())
             {
-                let output = tokio::process::Command::new(python)
-                    .arg(&script)
-                    .env("E2B_API_URL", &base)
-                    .env("E2B_SANDBOX_URL", &base)
-                    .env("E2B_API_KEY", TEST_API_KEY)
-                    .env("TEMPLATE", template)
-                    .env_remove("E2B_DEBUG")
-                    .env_remove("E2B_DOMAIN")
-                    .output()
-                    .await
-                    .expect("python runs");
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                assert!(output.status.success(), "{}:\n{stdout}\n{stderr}", python.display());
-                assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{stdout}\n{stderr}");
+                let env = [("TEMPLATE", std::ffi::OsStr::new(template))];
+                crate::e2b_sdk::sdk_script(python, "templates.py", &base, &env).await;
             }
         }
     }
@@ -254,24 +240,12 @@ async fn a_playwright_script_in_a_sandbox_clicks_a_page_served_there_and_returns
     let (status, events) = soulbox_tests::build_template(&base, &template, "name=playwright").await;
     assert_eq!(status, 200);
     assert_eq!(last(&events)["type"], "done", "{events:?}");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/playwright.py");
     let screenshot = data.path().join("after.png");
-    let output = tokio::process::Command::new(&pythons[0])
-        .arg(&script)
-        .env("E2B_API_URL", &base)
-        .env("E2B_SANDBOX_URL", &base)
-        .env("E2B_API_KEY", TEST_API_KEY)
-        .env("TEMPLATE", "playwright")
-        .env("SCREENSHOT_OUT", &screenshot)
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_DOMAIN")
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{stdout}\n{stderr}");
+    let env = [
+        ("TEMPLATE", std::ffi::OsStr::new("playwright")),
+        ("SCREENSHOT_OUT", screenshot.as_os_str()),
+    ];
+    let stdout = crate::e2b_sdk::sdk_script(&pythons[0], "playwright.py", &base, &env).await;
     eprintln!("{}", stdout.trim_end());
     let png = std::fs::read(&screenshot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
@@ -289,23 +263,9 @@ async fn the_e2b_sdk_builds_a_template_through_e2b_s_own_api() {
             return;
         }
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/template_build.py");
     for python in pythons {
         // A server of its own for each SDK: the first build is not cached.
         let (base, _data, _app) = soulbox_tests::serve_app().await;
-        let output = tokio::process::Command::new(&python)
-            .arg(&script)
-            .env("E2B_API_URL", &base)
-            .env("E2B_SANDBOX_URL", &base)
-            .env("E2B_API_KEY", TEST_API_KEY)
-            .env_remove("E2B_DEBUG")
-            .env_remove("E2B_DOMAIN")
-            .output()
-            .await
-            .expect("python runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{}:\n{stdout}\n{stderr}", python.display());
-        assert_eq!(stdout.trim_end().lines().last(), Some("ok"), "{stdout}\n{stderr}");
+        crate::e2b_sdk::sdk_script(&python, "template_build.py", &base, &[]).await;
     }
 }

@@ -371,8 +371,12 @@ pub fn import_docker_archive(
         .get("manifest.json")
         .ok_or_else(|| ImageError::Format("the archive has no manifest.json".into()))?;
     let images: Vec<DockerManifest> = parse_json(manifest, "manifest.json")?;
+    // A tag names its registry or not (`host/team/app:v1` is `team/app:v1` there too).
+    let names = |tag: &str, reference: &str| {
+        tag == reference || tag.strip_suffix(reference).is_some_and(|host| host.ends_with('/'))
+    };
     let chosen = match reference {
-        Some(reference) => images.iter().find(|i| i.repo_tags.iter().any(|t| t == reference)),
+        Some(reference) => images.iter().find(|i| i.repo_tags.iter().any(|t| names(t, reference))),
         None if images.len() == 1 => images.first(),
         None => None,
     };

@@ -303,3 +303,39 @@ async fn a_build_step_changes_only_its_own_layer_never_the_ones_below() {
     let whiteout = std::fs::symlink_metadata(own.join("bin/vi")).expect("a whiteout");
     assert!(std::os::unix::fs::FileTypeExt::is_char_device(&whiteout.file_type()));
 }
+
+#[tokio::test]
+async fn a_docker_save_archive_imports_as_its_oci_layout_does() {
+    let Some(setup) = setup() else { return };
+    if std::process::Command::new("skopeo").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: making a docker-save archive needs skopeo (apt-get install skopeo)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = soulbox_tests::busybox_image(dir.path()).expect("the image");
+    let archive = dir.path().join("busybox.tar");
+    let copied = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--quiet"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker-archive:{}:tests/busybox:latest", archive.display()))
+        .output()
+        .expect("skopeo runs");
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let store = setup.builder.store();
+    let mut progress = Vec::new();
+    let imported = soulbox_native::image::import_docker_archive(
+        store,
+        &archive,
+        Some("tests/busybox:latest"),
+        &mut |line| progress.push(line.to_owned()),
+    )
+    .expect("the archive imports");
+    // The same layers (by their content) and configuration as the layout, already stored.
+    assert_eq!(imported.layers, setup.base.layers);
+    assert_eq!(imported.config.env_value("PATH"), Some("/bin"));
+    assert!(progress.iter().all(|line| line.ends_with("(stored)")), "{progress:?}");
+    let missing =
+        soulbox_native::image::import_docker_archive(store, &archive, Some("nope:1"), &mut |_| {});
+    let message = missing.expect_err("no such image").to_string();
+    assert!(message.contains("tests/busybox:latest"), "the error lists what it has: {message}");
+}

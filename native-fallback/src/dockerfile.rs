@@ -441,12 +441,19 @@ CMD [\"--port\", \"8080\"]
             ("RUN true\n", 1, "FROM"),
             ("# only a comment\n", 1, "FROM"),
             ("FROM a\nENV ALONE\n", 2, "has no value"),
+            ("FROM a\nCOPY --chmod=rwx a b\n", 2, "an octal mode"),
         ];
         for (text, line, words) in cases {
             let error = plan(text).expect_err(text);
             assert_eq!(error.line, line, "{text:?}: {error}");
             assert!(error.to_string().contains(words), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn copy_takes_an_octal_mode() {
+        let plan = plan("FROM a\nCOPY --chmod=0750 run.sh /bin/\n").expect("a plan");
+        assert!(matches!(plan.steps[0].action, Action::Copy { chmod: Some(0o750), .. }));
     }
 
     #[test]

@@ -960,6 +960,32 @@ fn the_cli_builds_a_template_from_a_dockerfile_and_manages_it() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("app.sock") && !stderr.contains("cannot reach"), "{stderr}");
 
+    // What .dockerignore names stays out of the context (but the Dockerfile never does).
+    let ignoring = tempfile::tempdir().expect("a context");
+    for (path, contents) in [
+        (
+            "Dockerfile",
+            "FROM base\nCOPY . /ctx/\nRUN cd /ctx && find . -type f | sort | tr '\\n' ' '\n",
+        ),
+        (".dockerignore", "# not sent\nsecret.txt\n**/*.log\n!logs/keep.log\nDockerfile\n"),
+        ("app.py", "print(1)\n"),
+        ("secret.txt", "s3cret\n"),
+        ("logs/debug.log", "noise\n"),
+        ("logs/keep.log", "kept\n"),
+        ("src/deep/trace.log", "noise\n"),
+        ("src/deep/main.py", "print(2)\n"),
+    ] {
+        let path = ignoring.path().join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("dirs");
+        std::fs::write(path, contents).expect("write");
+    }
+    let ignoring_arg = ignoring.path().to_str().expect("UTF-8");
+    let out = cli(&["template", "build", "-t", "cli-ignoring", ignoring_arg]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let listed = "  | ./.dockerignore ./Dockerfile ./app.py ./logs/keep.log ./src/deep/main.py ";
+    assert!(stdout.lines().any(|l| l == listed), "{stdout}");
+
     let left: Vec<_> = std::fs::read_dir(scratch.path()).expect("read").collect();
     assert!(left.is_empty(), "the CLI left files in its temporary directory: {left:?}");
     server.kill();

@@ -242,11 +242,13 @@ fn pack_context(context: &Path, dockerfile: &Path) -> anyhow::Result<(TempFile, 
     let gzip = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gzip);
     tar.follow_symlinks(false);
-    tar.append_dir_all(".", &context)
+    let ignored = dockerignore(&context)?;
+    let inside = dockerfile.strip_prefix(&context).ok().map(Path::to_path_buf);
+    append_context(&mut tar, &context, Path::new(""), &ignored, inside.as_deref())
         .with_context(|| format!("packing the build context {}", context.display()))?;
-    let inside = match dockerfile.strip_prefix(&context) {
-        Ok(relative) => relative.to_string_lossy().into_owned(),
-        Err(_) => {
+    let inside = match inside {
+        Some(relative) => relative.to_string_lossy().into_owned(),
+        None => {
             tar.append_path_with_name(&dockerfile, OUTSIDE_DOCKERFILE)
                 .with_context(|| format!("packing {}", dockerfile.display()))?;
             OUTSIDE_DOCKERFILE.to_owned()
@@ -254,6 +256,52 @@ fn pack_context(context: &Path, dockerfile: &Path) -> anyhow::Result<(TempFile, 
     };
     tar.into_inner()?.finish()?;
     Ok((archive, inside))
+}
+
+/// The context's `.dockerignore`, as Docker reads it: patterns relative to the context's root
+/// (`**` for any depth, `!` to keep again, `#` comments).
+fn dockerignore(context: &Path) -> anyhow::Result<ignore::gitignore::Gitignore> {
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(context);
+    if let Ok(text) = std::fs::read_to_string(context.join(".dockerignore")) {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (keep, pattern) = match line.strip_prefix('!') {
+                Some(pattern) => ("!", pattern),
+                None => ("", line),
+            };
+            // Anchored at the root, as Docker matches them.
+            let pattern = pattern.trim_start_matches("./").trim_start_matches('/');
+            builder
+                .add_line(None, &format!("{keep}/{pattern}"))
+                .with_context(|| format!(".dockerignore: `{line}`"))?;
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// Appends what `dir` (the context's `relative`) holds, but what `.dockerignore` leaves out
+/// (never the Dockerfile).
+fn append_context(
+    tar: &mut tar::Builder<flate2::write::GzEncoder<std::fs::File>>,
+    context: &Path,
+    relative: &Path,
+    ignored: &ignore::gitignore::Gitignore,
+    dockerfile: Option<&Path>,
+) -> std::io::Result<()> {
+    let mut entries: Vec<std::fs::DirEntry> =
+        std::fs::read_dir(context.join(relative))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let path = relative.join(entry.file_name());
+        let is_dir = entry.file_type()?.is_dir();
+        if ignored.matched(&path, is_dir).is_ignore() && Some(path.as_path()) != dockerfile {
+            continue;
+        }
+        tar.append_path_with_name(entry.path(), &path)?;
+        if is_dir {
+            append_context(tar, context, &path, ignored, dockerfile)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a file when dropped.

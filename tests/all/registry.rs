@@ -278,3 +278,447 @@ async fn registry_credentials_are_required_and_checked() {
     let pulled = pull_as(right).await.expect("the image pulls with credentials");
     assert_eq!(pulled.layers, imported_from_layout(&layout).layers);
 }
+
+/// The service a token-mode registry names in its challenge, and the audience of its tokens.
+const TOKEN_SERVICE: &str = "soulbox-tests";
+/// The issuer a token-mode registry trusts.
+const TOKEN_ISSUER: &str = "soulbox-test-issuer";
+/// How long the token server's tokens last.
+const TOKEN_LIFETIME_SECS: u64 = 300;
+/// The one repository the token server lets anyone pull, as a public image on Docker Hub.
+const PUBLIC_REPOSITORY: &str = "tests/public";
+/// How long pushing the busybox image with `skopeo` may take.
+const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// One request the token server answered.
+#[derive(Debug, Clone)]
+struct TokenRequest {
+    /// The `service` asked for.
+    service: Option<String>,
+    /// The `scope`s asked for (`repository:NAME:ACTIONS`).
+    scopes: Vec<String>,
+    /// The user of the Basic credentials sent, if any.
+    user: Option<String>,
+    /// Whether a token was issued.
+    granted: bool,
+}
+
+/// A token server as Docker Hub's: it issues JWTs signed with an EC P-256 key whose
+/// self-signed certificate rides in the `x5c` header. The holder of [`REGISTRY_USER`]'s
+/// credentials gets every action it asks for; anyone else may only pull [`PUBLIC_REPOSITORY`];
+/// every other request is answered 401, wrong credentials included.
+struct TokenIssuer {
+    key: jsonwebtoken::EncodingKey,
+    /// The certificate, base64 (standard) of its DER.
+    certificate: String,
+    next_id: std::sync::atomic::AtomicU64,
+    requests: std::sync::Mutex<Vec<TokenRequest>>,
+}
+
+impl TokenIssuer {
+    /// The answer to one request for `/token`.
+    fn answer(&self, request: &hyper::Request<hyper::body::Incoming>) -> (u16, serde_json::Value) {
+        use base64::Engine;
+        if request.uri().path() != "/token" {
+            return (404, serde_json::json!({ "details": "no such path" }));
+        }
+        let query = query_pairs(request.uri().query().unwrap_or_default());
+        let service = query.iter().find(|(name, _)| name == "service").map(|(_, v)| v.clone());
+        let scopes: Vec<String> = query
+            .iter()
+            .filter(|(name, _)| name == "scope")
+            .flat_map(|(_, value)| value.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        let credentials = request
+            .headers()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Basic "))
+            .and_then(|encoded| base64::engine::general_purpose::STANDARD.decode(encoded).ok())
+            .and_then(|decoded| String::from_utf8(decoded).ok())
+            .and_then(|pair| pair.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
+        let user = credentials.as_ref().map(|(user, _)| user.clone());
+        let access: Option<Vec<serde_json::Value>> = match &credentials {
+            Some((user, password)) if user == REGISTRY_USER && password == REGISTRY_PASSWORD => {
+                scopes.iter().map(|scope| resource_access(scope, &["pull", "push"])).collect()
+            }
+            Some(_) => None,
+            None => scopes
+                .iter()
+                .map(|scope| {
+                    resource_access(scope, &["pull"])
+                        .filter(|access| access["name"] == PUBLIC_REPOSITORY)
+                })
+                .collect(),
+        };
+        let granted = access.is_some() && service.as_deref() == Some(TOKEN_SERVICE);
+        self.requests.lock().expect("requests").push(TokenRequest {
+            service: service.clone(),
+            scopes: scopes.clone(),
+            user: user.clone(),
+            granted,
+        });
+        let Some(access) = access.filter(|_| granted) else {
+            return (401, serde_json::json!({ "details": "incorrect username or password" }));
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER,
+            "sub": user.unwrap_or_default(),
+            "aud": TOKEN_SERVICE,
+            "exp": now + TOKEN_LIFETIME_SECS,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": format!("soulbox-test-{}-{id}", std::process::id()),
+            "access": access,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.x5c = Some(vec![self.certificate.clone()]);
+        let token = jsonwebtoken::encode(&header, &claims, &self.key).expect("a token");
+        (
+            200,
+            serde_json::json!({ "token": token, "access_token": token, "expires_in": TOKEN_LIFETIME_SECS }),
+        )
+    }
+
+    fn requests(&self) -> Vec<TokenRequest> {
+        self.requests.lock().expect("requests").clone()
+    }
+}
+
+/// The `access` claim entry granting of `scope` (`repository:NAME:ACTIONS`) the actions it
+/// asks for among `allowed`; `None` when it is not a repository scope.
+fn resource_access(scope: &str, allowed: &[&str]) -> Option<serde_json::Value> {
+    let (kind, rest) = scope.split_once(':')?;
+    let (name, actions) = rest.rsplit_once(':')?;
+    let actions: Vec<&str> = actions.split(',').filter(|action| allowed.contains(action)).collect();
+    (kind == "repository")
+        .then(|| serde_json::json!({ "type": kind, "name": name, "actions": actions }))
+}
+
+/// The pairs of a URL's query, percent-decoded.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let mut decoded = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let escaped = (bytes[i] == b'%')
+                .then(|| bytes.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+            match (bytes[i], escaped) {
+                (_, Some(byte)) => {
+                    decoded.push(byte);
+                    i += 3;
+                }
+                (b'+', None) => {
+                    decoded.push(b' ');
+                    i += 1;
+                }
+                (byte, None) => {
+                    decoded.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&decoded).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(name), decode(value))
+        })
+        .collect()
+}
+
+/// The token server, serving [`TokenIssuer`] on a loopback port until dropped.
+struct TokenServer {
+    issuer: std::sync::Arc<TokenIssuer>,
+    /// `http://127.0.0.1:<port>/token`.
+    realm: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TokenServer {
+    /// Serves tokens signed with the PKCS#8 PEM key `key`, whose certificate is `certificate`
+    /// (DER).
+    async fn start(key: &[u8], certificate: &[u8]) -> Self {
+        use base64::Engine;
+        let issuer = std::sync::Arc::new(TokenIssuer {
+            key: jsonwebtoken::EncodingKey::from_ec_pem(key).expect("an EC key"),
+            certificate: base64::engine::general_purpose::STANDARD.encode(certificate),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            requests: std::sync::Mutex::new(Vec::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let realm = format!("http://{}/token", listener.local_addr().expect("address"));
+        let serving = issuer.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let issuer = serving.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let (status, body) = issuer.answer(&request);
+                        let response = hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())));
+                        async move { response }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Self { issuer, realm, task }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `docker-registry` that asks for tokens of `realm`, serving on 127.0.0.1, killed when
+/// dropped.
+struct TokenRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:<port>`.
+    address: String,
+    dir: tempfile::TempDir,
+}
+
+impl TokenRegistry {
+    /// Starts the registry, trusting tokens of [`TOKEN_ISSUER`] for [`TOKEN_SERVICE`] signed
+    /// by the certificate of `root_certificate` (PEM), and waits until it answers `GET /v2/`
+    /// with its challenge.
+    async fn start(realm: &str, root_certificate: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let address = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {storage}\nhttp:\n  addr: {address}\nauth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {root}\n",
+                storage = dir.path().join("storage").display(),
+                root = root_certificate.display(),
+            ),
+        )
+        .expect("config");
+        let log = fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry starts");
+        let mut registry = Self { child, address, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = registry.child.try_wait().expect("registry status") {
+                panic!("docker-registry exited ({status}): {}", registry.log());
+            }
+            if tokio::net::TcpStream::connect(&registry.address).await.is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no registry: {}", registry.log());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let url = format!("http://{}/v2/", registry.address);
+        let (status, headers, _) = soulbox_tests::http_request_with("GET", &url, &[], None).await;
+        assert_eq!(status, 401, "GET /v2/ asks for a token: {}", registry.log());
+        let challenge = headers
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let expected = format!("Bearer realm=\"{realm}\",service=\"{TOKEN_SERVICE}\"");
+        assert_eq!(challenge, expected, "the registry's challenge");
+        registry
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Pushes the image tagged `latest` of `layout` as `image` with `skopeo`, which goes
+    /// through the token flow itself, as [`REGISTRY_USER`]. It runs without blocking: the
+    /// token server it asks is served by this test's runtime.
+    async fn push(&self, layout: &Path, image: &str) {
+        let mut skopeo = tokio::process::Command::new("skopeo");
+        skopeo
+            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("--dest-creds={REGISTRY_USER}:{REGISTRY_PASSWORD}"))
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}/{image}", self.address))
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(PUSH_TIMEOUT, skopeo.output())
+            .await
+            .unwrap_or_else(|_| panic!("skopeo copy to {image} timed out: {}", self.log()))
+            .expect("skopeo runs");
+        assert!(
+            output.status.success(),
+            "skopeo copy to {image} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+    }
+}
+
+impl Drop for TokenRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An EC P-256 key (PKCS#8 PEM) and its self-signed certificate (PEM and DER) for the token
+/// issuer, made with `openssl` in `dir`; `None`, the reason printed, without `openssl`.
+fn issuer_key_and_certificate(dir: &Path) -> Option<(Vec<u8>, std::path::PathBuf, Vec<u8>)> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!(
+            "SKIPPED: the token issuer's certificate is made with openssl (apt-get install openssl)"
+        );
+        return None;
+    }
+    let (key, pem, der) = (dir.join("issuer.key"), dir.join("issuer.pem"), dir.join("issuer.der"));
+    let run = |openssl: &mut Command| {
+        let output = openssl.output().expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "{openssl:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={TOKEN_ISSUER}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&pem));
+    run(Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&pem)
+        .arg("-out")
+        .arg(&der));
+    Some((fs::read(&key).expect("key"), pem, fs::read(&der).expect("certificate")))
+}
+
+#[tokio::test]
+async fn a_registry_that_asks_for_a_bearer_token_gets_one_from_its_token_server() {
+    let registry_missing = !Path::new("/usr/bin/docker-registry").exists()
+        || Command::new("skopeo").arg("--version").output().is_err();
+    if registry_missing {
+        eprintln!(
+            "SKIPPED: registry tests need docker-registry and skopeo (apt-get install docker-registry skopeo)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((key, certificate_pem, certificate_der)) = issuer_key_and_certificate(dir.path())
+    else {
+        return;
+    };
+    let Some(layout) = soulbox_tests::busybox_image(dir.path()) else { return };
+    let tokens = TokenServer::start(&key, &certificate_der).await;
+    let registry = TokenRegistry::start(&tokens.realm, &certificate_pem).await;
+    registry.push(&layout, "tests/busybox:latest").await;
+    registry.push(&layout, &format!("{PUBLIC_REPOSITORY}:latest")).await;
+    let pushed = tokens.issuer.requests();
+    assert!(
+        pushed.iter().any(|r| r.granted
+            && r.scopes
+                .iter()
+                .any(|s| s.starts_with("repository:tests/busybox:") && s.contains("push"))),
+        "skopeo got a push token: {pushed:?}"
+    );
+
+    let store = LayerStore::open(dir.path().join("store")).expect("store");
+    let insecure = vec![registry.address.clone()];
+    let pull_as = |image: &str, auth: RegistryAuth| {
+        let (store, insecure) = (store.clone(), insecure.clone());
+        let reference = format!("{}/{image}", registry.address);
+        async move { pull(&store, &reference, &auth, &insecure, &mut |_| {}).await }
+    };
+    let expected = imported_from_layout(&layout);
+
+    // The holder of the credentials gets a token for the private repository and pulls.
+    let right = RegistryAuth::Basic {
+        username: REGISTRY_USER.to_owned(),
+        password: REGISTRY_PASSWORD.to_owned(),
+    };
+    let before = tokens.issuer.requests().len();
+    let pulled = pull_as("tests/busybox:latest", right)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", tokens.issuer.requests(), registry.log()));
+    assert_eq!(pulled.layers, expected.layers);
+    assert_eq!(pulled.config, expected.config);
+    let asked = tokens.issuer.requests().split_off(before);
+    assert!(
+        asked.iter().any(|r| r.granted
+            && r.user.as_deref() == Some(REGISTRY_USER)
+            && r.service.as_deref() == Some(TOKEN_SERVICE)
+            && r.scopes.iter().any(|s| s == "repository:tests/busybox:pull")),
+        "the pull asked for a token for its repository with its credentials: {asked:?}"
+    );
+
+    // Anyone gets an anonymous token for the public repository.
+    let store_public = LayerStore::open(dir.path().join("store-public")).expect("store");
+    let reference = format!("{}/{PUBLIC_REPOSITORY}:latest", registry.address);
+    let before = tokens.issuer.requests().len();
+    let public = pull(&store_public, &reference, &RegistryAuth::Anonymous, &insecure, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", tokens.issuer.requests(), registry.log()));
+    assert_eq!(public.layers, expected.layers);
+    let asked = tokens.issuer.requests().split_off(before);
+    assert!(
+        asked.iter().any(|r| r.granted
+            && r.user.is_none()
+            && r.scopes.iter().any(|s| s == &format!("repository:{PUBLIC_REPOSITORY}:pull"))),
+        "the anonymous pull got an anonymous token: {asked:?}"
+    );
+
+    // Without credentials, the private repository is refused a token, hence the image.
+    let before = tokens.issuer.requests().len();
+    let error =
+        pull_as("tests/busybox:latest", RegistryAuth::Anonymous).await.expect_err("no token");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::CredentialsRequired { .. }), "{error:?}");
+    assert!(message.contains("give a user name and password"), "{message}");
+    let asked = tokens.issuer.requests().split_off(before);
+    assert!(
+        !asked.is_empty() && asked.iter().all(|r| !r.granted && r.user.is_none()),
+        "an anonymous token was asked for and refused: {asked:?}"
+    );
+
+    // With a wrong password, likewise.
+    let wrong = RegistryAuth::Basic {
+        username: REGISTRY_USER.to_owned(),
+        password: "not-the-password".to_owned(),
+    };
+    let before = tokens.issuer.requests().len();
+    let error = pull_as("tests/busybox:latest", wrong).await.expect_err("wrong password");
+    let message = error.to_string();
+    assert!(matches!(error, RegistryError::CredentialsRefused { .. }), "{error:?}");
+    assert!(message.contains("check the user name and password"), "{message}");
+    assert!(!message.contains("not-the-password"), "the password is never shown: {message}");
+    let asked = tokens.issuer.requests().split_off(before);
+    assert!(
+        !asked.is_empty()
+            && asked.iter().all(|r| !r.granted && r.user.as_deref() == Some(REGISTRY_USER)),
+        "a token was asked for with the wrong password and refused: {asked:?}"
+    );
+}

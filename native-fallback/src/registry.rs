@@ -200,6 +200,12 @@ pub async fn pull(
         ..ClientConfig::default()
     })
     .map_err(|e| RegistryError::Client { cause: error_chain(&e) })?;
+    // Logging in first keeps a token server's own reason for a refusal (the pull alone would
+    // report only the registry's 401).
+    client
+        .auth(&parsed, &auth.to_client(), oci_client::RegistryOperation::Pull)
+        .await
+        .map_err(|e| target.error(e))?;
     let (manifest, _digest) = client
         .pull_image_manifest(&parsed, &auth.to_client())
         .await

@@ -268,6 +268,10 @@ async fn registry_credentials_are_required_and_checked() {
     let message = error.to_string();
     assert!(matches!(error, RegistryError::CredentialsRefused { .. }), "{error:?}");
     assert!(message.contains("check the user name and password"), "{message}");
+    assert!(
+        message.contains("incorrect username or password"),
+        "the token server's reason: {message}"
+    );
     assert!(!message.contains("not-the-password"), "the password is never shown: {message}");
 
     let right = RegistryAuth::Basic {
@@ -714,6 +718,10 @@ async fn a_registry_that_asks_for_a_bearer_token_gets_one_from_its_token_server(
     let message = error.to_string();
     assert!(matches!(error, RegistryError::CredentialsRefused { .. }), "{error:?}");
     assert!(message.contains("check the user name and password"), "{message}");
+    assert!(
+        message.contains("incorrect username or password"),
+        "the token server's reason: {message}"
+    );
     assert!(!message.contains("not-the-password"), "the password is never shown: {message}");
     let asked = tokens.issuer.requests().split_off(before);
     assert!(

@@ -336,7 +336,6 @@ impl Registry {
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let address = format!("127.0.0.1:{}", free_port());
         let auth = if with_auth {
             let htpasswd = dir.path().join("htpasswd");
             std::fs::write(&htpasswd, format!("{HTPASSWD}\n")).expect("htpasswd");
@@ -347,6 +346,13 @@ impl Registry {
         } else {
             String::new()
         };
+        Some(Self::serve(dir, &auth).await)
+    }
+
+    /// Starts a registry keeping its files in `dir`, with `auth` (the `auth:` section of its
+    /// configuration, or nothing), and waits until it answers.
+    pub async fn serve(dir: tempfile::TempDir, auth: &str) -> Self {
+        let address = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
@@ -367,7 +373,7 @@ impl Registry {
             .expect("docker-registry starts");
         let mut registry = Self { child, address, dir };
         registry.wait_ready().await;
-        Some(registry)
+        registry
     }
 
     /// Waits until `GET /v2/` answers (200, or 401 when it asks for credentials).

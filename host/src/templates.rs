@@ -34,7 +34,10 @@ use serde_json::{Value, json};
 use soulbox_native::build::{
     BuildError, BuildEvent, BuildOptions, Builder, BuiltImage, in_context,
 };
-use soulbox_native::image::{LayerStore, import_docker_archive, import_oci_layout};
+use soulbox_native::image::{
+    ImageError, LayerStore, StoredImage, import_docker_archive, import_oci_layout,
+};
+use soulbox_native::registry::RegistryAuth;
 use soulbox_native::{NativeTier, dockerfile};
 use soulbox_runtime::{Store, StoreError, TemplateImage};
 use tokio::io::AsyncWriteExt;
@@ -165,10 +168,6 @@ pub struct Resolved {
     /// The build.
     pub build: BuildRecord,
 }
-
-/// A build's credentials for its registry.
-#[derive(Debug, Clone, Default)]
-struct RegistryLogin(Option<(String, String)>);
 
 /// How a server builds templates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -306,7 +305,7 @@ impl Templates {
         team: &str,
         from: &str,
         context: &Path,
-        login: &RegistryLogin,
+        login: &RegistryAuth,
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<BuiltImage, String> {
         if from == "base" || from == "soulbox/base" {
@@ -316,57 +315,47 @@ impl Templates {
             progress(&format!("base: template {} build {}", from, resolved.build.build_id));
             return Ok(resolved.build.image);
         }
-        let local = |rest: &str| -> Result<(PathBuf, Option<String>), String> {
-            let (path, reference) = match rest.split_once(':') {
-                Some((path, reference)) => (path, Some(reference.to_owned())),
-                None => (rest, None),
-            };
-            Ok((in_context(context, path)?, reference))
+        // A local image in the context: an OCI layout or a `docker save` archive.
+        type Import = fn(
+            &LayerStore,
+            &Path,
+            Option<&str>,
+            &mut dyn FnMut(&str),
+        ) -> Result<StoredImage, ImageError>;
+        let local = match from.split_once(':') {
+            Some(("oci", rest)) => Some((import_oci_layout as Import, rest)),
+            Some(("docker-archive", rest)) => Some((import_docker_archive as Import, rest)),
+            _ => None,
         };
-        let layers = self.layers().clone();
-        let stored = if let Some(rest) = from.strip_prefix("oci:") {
-            let (path, tag) = local(rest)?;
-            let mut lines = Vec::new();
-            let imported = tokio::task::spawn_blocking(move || {
-                import_oci_layout(&layers, &path, tag.as_deref(), &mut |l| lines.push(l.to_owned()))
-                    .map(|image| (image, lines))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            imported.1.iter().for_each(|l| progress(l));
-            imported.0
-        } else if let Some(rest) = from.strip_prefix("docker-archive:") {
-            let (path, reference) = local(rest)?;
-            let mut lines = Vec::new();
-            let imported = tokio::task::spawn_blocking(move || {
-                import_docker_archive(&layers, &path, reference.as_deref(), &mut |l| {
-                    lines.push(l.to_owned());
+        let stored = match local {
+            Some((import, rest)) => {
+                let (path, reference) = match rest.split_once(':') {
+                    Some((path, reference)) => (path, Some(reference.to_owned())),
+                    None => (rest, None),
+                };
+                let path = in_context(context, path)?;
+                let layers = self.layers().clone();
+                let (image, lines) = tokio::task::spawn_blocking(move || {
+                    let mut lines = Vec::new();
+                    let mut record = |line: &str| lines.push(line.to_owned());
+                    import(&layers, &path, reference.as_deref(), &mut record)
+                        .map(|image| (image, lines))
                 })
-                .map(|image| (image, lines))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            imported.1.iter().for_each(|l| progress(l));
-            imported.0
-        } else {
-            let auth = match &login.0 {
-                Some((username, password)) => soulbox_native::registry::RegistryAuth::Basic {
-                    username: username.clone(),
-                    password: password.clone(),
-                },
-                None => soulbox_native::registry::RegistryAuth::Anonymous,
-            };
-            soulbox_native::registry::pull(
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                lines.iter().for_each(|line| progress(line));
+                image
+            }
+            None => soulbox_native::registry::pull(
                 self.layers(),
                 from,
-                &auth,
+                login,
                 &self.settings.insecure_registries,
                 progress,
             )
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?,
         };
         Ok(BuiltImage { layers: stored.layers, config: stored.config, ..BuiltImage::default() })
     }
@@ -554,7 +543,7 @@ struct BuildJob {
     /// Whether the template becomes public (or private); unchanged when `None`.
     public: Option<bool>,
     plan: dockerfile::BuildPlan,
-    login: RegistryLogin,
+    login: RegistryAuth,
     options: BuildOptions,
     /// The build's id, when it was given out before the build ran (E2B's API does that).
     build_id: Option<String>,
@@ -719,15 +708,15 @@ fn build_query(pairs: Vec<(String, String)>) -> Result<BuildQuery, ApiError> {
     Ok(query)
 }
 
-fn registry_login(headers: &HeaderMap) -> Result<RegistryLogin, ApiError> {
+fn registry_login(headers: &HeaderMap) -> Result<RegistryAuth, ApiError> {
     use base64::Engine;
-    let Some(value) = headers.get("x-registry-auth") else { return Ok(RegistryLogin::default()) };
+    let Some(value) = headers.get("x-registry-auth") else { return Ok(RegistryAuth::Anonymous) };
     let bad = || bad_request("X-Registry-Auth is base64 of `user:password`");
     let decoded =
         base64::engine::general_purpose::STANDARD.decode(value.as_bytes()).map_err(|_| bad())?;
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (user, password) = text.split_once(':').ok_or_else(bad)?;
-    Ok(RegistryLogin(Some((user.to_owned(), password.to_owned()))))
+    Ok(RegistryAuth::Basic { username: user.to_owned(), password: password.to_owned() })
 }
 
 /// Receives the build context into a directory of its own (removed when dropped).

@@ -29,7 +29,7 @@ use soulbox_runtime::SandboxUser;
 use tokio::io::AsyncReadExt;
 
 use crate::dockerfile::{Action, BuildPlan};
-use crate::image::{ImageConfig, ImageError, LayerStore, write_upper_as_layer};
+use crate::image::{ImageConfig, ImageError, LayerStore, sandbox_id, write_upper_as_layer};
 use crate::rootfs::{
     LayeredRoot, ROOT_HOME, SANDBOX_HOME, SANDBOX_UID, SandboxNetwork, SandboxRoot,
 };
@@ -864,11 +864,6 @@ fn directory_header(mode: u32, uid: u64, gid: u64) -> tar::Header {
     header.set_mtime(0);
     header.set_size(0);
     header
-}
-
-/// The id inside the sandbox of a host id of a layer's file.
-fn sandbox_id(host: u32) -> u64 {
-    u64::from(host.saturating_sub(crate::SANDBOX_UID_BASE))
 }
 
 /// Who owns what a `COPY` writes, and its mode (`--chmod`; else the source's).

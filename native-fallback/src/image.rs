@@ -428,7 +428,8 @@ pub fn write_upper_as_layer(upper: &Path, out: impl Write) -> io::Result<bool> {
     Ok(any)
 }
 
-fn sandbox_id(host: u32) -> u64 {
+/// The id inside the sandbox of a host id of a layer's file.
+pub(crate) fn sandbox_id(host: u32) -> u64 {
     u64::from(host.saturating_sub(SANDBOX_UID_BASE))
 }
 

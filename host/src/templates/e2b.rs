@@ -30,11 +30,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use soulbox_native::build::BuildOptions;
 use soulbox_native::dockerfile::{Action, BuildPlan, Step};
+use soulbox_native::registry::RegistryAuth;
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    BuildJob, MAX_CONTEXT_BYTES, Reference, RegistryLogin, Templates, check_name, check_tag,
-    parse_reference,
+    BuildJob, MAX_CONTEXT_BYTES, Reference, Templates, check_name, check_tag, parse_reference,
 };
 use crate::app::App;
 use crate::auth::Principal;
@@ -347,15 +347,13 @@ fn plan_of(request: &StartBuild) -> Result<(BuildPlan, Vec<String>, bool), Strin
     Ok((plan, hashes, force))
 }
 
-fn registry_login(value: Option<&Value>) -> RegistryLogin {
-    let Some(value) = value.filter(|v| v["type"] == "registry") else {
-        return RegistryLogin::default();
-    };
-    match (value["username"].as_str(), value["password"].as_str()) {
-        (Some(username), Some(password)) => {
-            RegistryLogin(Some((username.to_owned(), password.to_owned())))
+fn registry_login(value: Option<&Value>) -> RegistryAuth {
+    let login = value.filter(|v| v["type"] == "registry");
+    match login.map(|v| (v["username"].as_str(), v["password"].as_str())) {
+        Some((Some(username), Some(password))) => {
+            RegistryAuth::Basic { username: username.to_owned(), password: password.to_owned() }
         }
-        _ => RegistryLogin::default(),
+        _ => RegistryAuth::Anonymous,
     }
 }
 

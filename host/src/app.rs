@@ -77,6 +77,41 @@ pub struct TierStatus {
 
 /// The data directory when none is given: `$XDG_DATA_HOME/soulbox` (on Linux usually
 /// `~/.local/share/soulbox`).
+/// Extra kernel slots each WASM worker has beyond its equal share (workers are filled
+/// evenly, but not exactly).
+#[cfg(feature = "wasm")]
+const WORKER_SPARE_KERNELS: u32 = 32;
+
+/// The WASM worker processes of a server: `count` of them, each `soulbox_binary wasm-worker`.
+#[derive(Debug, Clone)]
+pub struct WasmWorkers {
+    /// How many (0: none, kernels run on the server's threads).
+    pub count: usize,
+    /// The `soulbox` executable (for `soulbox serve`, itself).
+    pub soulbox_binary: PathBuf,
+}
+
+#[cfg(feature = "wasm")]
+impl WasmWorkers {
+    /// The command that starts each of them, with an equal share of the kernel slots.
+    fn command(self, data_dir: &Path, max_kernels: u32) -> soulbox_wasm::worker::WorkerCommand {
+        let count = u32::try_from(self.count).unwrap_or(u32::MAX);
+        let share = max_kernels.div_ceil(count) + WORKER_SPARE_KERNELS;
+        let args = vec![
+            "--data-dir".to_owned(),
+            data_dir.to_string_lossy().into_owned(),
+            "wasm-worker".to_owned(),
+            "--max-kernels".to_owned(),
+            share.to_string(),
+        ];
+        soulbox_wasm::worker::WorkerCommand {
+            program: self.soulbox_binary,
+            args,
+            count: self.count,
+        }
+    }
+}
+
 pub fn default_data_dir() -> PathBuf {
     dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("soulbox")
 }
@@ -89,14 +124,31 @@ impl App {
 
     /// [`App::open`], with room for `max_kernels` WASM kernels (and plugin runs) at once.
     pub fn open_with(data_dir: &Path, max_kernels: u32) -> anyhow::Result<Self> {
+        Self::open_serving(data_dir, max_kernels, None)
+    }
+
+    /// [`App::open_with`] for a server: WASM kernels run in worker processes when `workers`
+    /// says so (see [`soulbox_wasm::worker`]), else on this process's threads.
+    pub fn open_serving(
+        data_dir: &Path,
+        max_kernels: u32,
+        workers: Option<WasmWorkers>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create the data directory {}: {e}", data_dir.display())
         })?;
         let mut tiers = Vec::new();
         #[cfg(feature = "wasm")]
-        let wasm = Arc::new(
-            soulbox_wasm::WasmBackend::builder(data_dir).max_instances(max_kernels).build()?,
-        );
+        let wasm = {
+            let mut builder =
+                soulbox_wasm::WasmBackend::builder(data_dir).max_instances(max_kernels);
+            if let Some(workers) = workers.filter(|w| w.count > 0) {
+                builder = builder.workers(workers.command(data_dir, max_kernels));
+            }
+            Arc::new(builder.build()?)
+        };
+        #[cfg(not(feature = "wasm"))]
+        let _ = workers;
         let telemetry = Arc::new(crate::telemetry::Telemetry::default());
         let dispatcher = Dispatcher::new().with_observer(telemetry.clone());
         #[cfg(feature = "wasm")]

@@ -68,6 +68,15 @@ enum Command {
     Sandbox(crate::remote::SandboxCommand),
     /// Run a command in a sandbox; exits with its exit code.
     Exec(crate::remote::ExecArgs),
+    /// A WASM worker process of `soulbox serve` (started by it, never by hand): runs kernels
+    /// for the server over the socket on its standard input.
+    #[cfg(feature = "wasm")]
+    #[command(hide = true)]
+    WasmWorker {
+        /// Kernels it may hold at once.
+        #[arg(long)]
+        max_kernels: u32,
+    },
     /// List the processes running in a sandbox.
     Ps(crate::remote::PsArgs),
     /// Show (and with -f follow) what a sandbox's processes write.
@@ -194,6 +203,10 @@ struct ServeArgs {
     /// available, in MiB (default: 256 MiB or a twentieth of the host's memory, if more).
     #[arg(long, env = "SOULBOX_MIN_FREE_MEMORY_MIB", value_name = "MIB")]
     min_free_memory_mib: Option<u64>,
+    /// Worker processes that WASM kernels run in (default: one per CPU); 0 runs them on the
+    /// server's own threads.
+    #[arg(long, env = "SOULBOX_WASM_WORKERS", value_name = "N")]
+    wasm_workers: Option<usize>,
     /// WASM kernels alive at once (each live sandbox holds one per language it ran); cells
     /// that need one more are refused with 429.
     #[arg(long, env = "SOULBOX_MAX_KERNELS", default_value_t = crate::app::DEFAULT_MAX_KERNELS)]
@@ -238,6 +251,7 @@ impl ServeArgs {
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SOULBOX_LOG")
@@ -245,6 +259,18 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    #[cfg(feature = "wasm")]
+    if let Command::WasmWorker { max_kernels } = cli.command {
+        // Single-threaded, on a runtime of its own: the point of a worker.
+        let settings = soulbox_wasm::EngineSettings { max_instances: max_kernels };
+        return match soulbox_wasm::worker::serve(&data_dir, settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("soulbox wasm-worker: {error}");
+                ExitCode::from(EXIT_INTERNAL)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -252,7 +278,6 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
-    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     match runtime.block_on(dispatch(cli.command, data_dir)) {
         Ok(code) => code,
         Err(error) => {
@@ -271,7 +296,15 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Langs(LangsCommand::List { json }) => list(&open()?, json),
         Command::Run(args) => run(&open()?, args).await,
         Command::Serve(args) => {
-            let app = App::open_with(&data_dir, args.max_kernels)?.with_manager(&data_dir)?;
+            let count = args.wasm_workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            let soulbox_binary = std::env::current_exe().map_err(|e| {
+                anyhow::anyhow!("cannot find this executable to start WASM workers: {e}")
+            })?;
+            let workers = crate::app::WasmWorkers { count, soulbox_binary };
+            let app = App::open_serving(&data_dir, args.max_kernels, Some(workers))?
+                .with_manager(&data_dir)?;
             serve(app, args).await
         }
         Command::Auth(command) => Ok(crate::remote::auth(command).await),
@@ -281,6 +314,8 @@ async fn dispatch(command: Command, data_dir: PathBuf) -> anyhow::Result<ExitCod
         Command::Quota(args) => Ok(crate::remote::quota(args).await),
         Command::Sandbox(command) => Ok(crate::remote::sandbox(command).await),
         Command::Exec(args) => Ok(crate::remote::exec(args).await),
+        #[cfg(feature = "wasm")]
+        Command::WasmWorker { .. } => anyhow::bail!("a WASM worker is started by `soulbox serve`"),
         Command::Ps(args) => Ok(crate::remote::ps(args).await),
         Command::Logs(args) => Ok(crate::remote::logs(args).await),
         Command::Files(command) => Ok(crate::remote::files(command).await),

@@ -1164,9 +1164,32 @@ fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
         let from = soulbox_tests::test_data_dir().join(shared);
         std::os::unix::fs::symlink(&from, data.path().join(shared)).expect("linked");
     }
-    let server = Server::start(data.path());
+    let mut server = Server::start(data.path());
     let pid = server.child.id();
-    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let descriptors_of =
+        |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let descriptors = || descriptors_of(pid);
+    // The WASM workers: the server's children running `soulbox wasm-worker`.
+    let workers = || -> Vec<u32> {
+        // Each thread lists the children it started.
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads");
+        let children: String = threads
+            .filter_map(Result::ok)
+            .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut workers: Vec<u32> = children
+            .split_whitespace()
+            .filter_map(|child| child.parse().ok())
+            .filter(|child| {
+                std::fs::read(format!("/proc/{child}/cmdline"))
+                    .is_ok_and(|cmdline| text(&cmdline).contains("wasm-worker"))
+            })
+            .collect();
+        workers.sort_unstable();
+        workers
+    };
+    let worker_descriptors = || workers().into_iter().map(descriptors_of).sum::<usize>();
     // One cycle of what the load does: a sandbox, a cell and a command in it, its kill; and a
     // one-off run of each kind.
     let cycle = || {
@@ -1207,6 +1230,9 @@ fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
     cycle();
     assert!(eventually(|| sandbox_cgroups(pid) == 2), "the pool settles at 2");
     let before = descriptors();
+    let running = workers();
+    assert!(!running.is_empty(), "the kernels run in WASM workers");
+    let workers_before = worker_descriptors();
     for _ in 0..20 {
         cycle();
     }
@@ -1221,5 +1247,23 @@ fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
         eventually(|| descriptors() <= before + 2),
         "descriptors: {before} before, {} after",
         descriptors()
+    );
+    assert_eq!(workers(), running, "the same workers served the whole run");
+    assert!(
+        eventually(|| worker_descriptors() <= workers_before + 2),
+        "the workers' descriptors: {workers_before} before, {} after",
+        worker_descriptors()
+    );
+    // Killed with SIGKILL, the server leaves no worker behind: each leaves at the end of its
+    // socket.
+    server.kill();
+    assert!(
+        eventually(|| running.iter().all(|worker| {
+            // Gone, or a zombie waiting for whoever inherited it.
+            std::fs::read_to_string(format!("/proc/{worker}/stat")).map_or(true, |stat| {
+                stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'))
+            })
+        })),
+        "a WASM worker outlived the server"
     );
 }

@@ -23,3 +23,4 @@ mod registry;
 mod templates;
 mod terminal;
 mod warm;
+mod workers;

@@ -200,7 +200,7 @@ pub async fn serve_setup(
     let data = tempfile::tempdir().expect("tempdir");
     let max_kernels = setup.max_kernels.unwrap_or(soulbox_host::app::DEFAULT_MAX_KERNELS);
     let limits = setup.limits;
-    let app = soulbox_host::app::App::open_with(&test_data_dir(), max_kernels)
+    let app = soulbox_host::app::App::open_serving(&test_data_dir(), max_kernels, wasm_workers())
         .expect("app")
         .with_manager(data.path())
         .expect("manager");
@@ -220,6 +220,35 @@ pub async fn serve_setup(
     let served = app.clone();
     tokio::spawn(async move { soulbox_host::server::serve_with(listener, served, limits).await });
     (format!("http://{address}"), data, app)
+}
+
+/// The `soulbox` binary that `cargo test --workspace` builds beside the test executables.
+pub fn soulbox_binary() -> Option<PathBuf> {
+    // A test runs as target/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe().ok()?;
+    let binary = exe.parent()?.parent()?.join("soulbox");
+    binary.is_file().then_some(binary)
+}
+
+/// The WASM workers of a test server, as `soulbox serve` has them (two, whatever the CPUs):
+/// `None`, with the reason printed once, when the `soulbox` binary is not built (run the
+/// tests with `cargo test --workspace`), or when `SOULBOX_TEST_WASM_WORKERS=0` asks for
+/// kernels on the server's threads.
+pub fn wasm_workers() -> Option<soulbox_host::app::WasmWorkers> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if std::env::var("SOULBOX_TEST_WASM_WORKERS").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let Some(soulbox_binary) = soulbox_binary() else {
+        WARNED.call_once(|| {
+            eprintln!(
+                "note: no target/<profile>/soulbox (build it with `cargo test --workspace`): \
+                 test servers run WASM kernels on their own threads, not in workers"
+            );
+        });
+        return None;
+    };
+    Some(soulbox_host::app::WasmWorkers { count: 2, soulbox_binary })
 }
 
 /// A small OCI image layout at `dir`, tagged `latest`: Debian's static busybox with its

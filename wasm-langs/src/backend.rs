@@ -16,9 +16,10 @@ use soulbox_runtime::{
 
 use crate::WasmError;
 use crate::engine::{EngineSettings, WasmEngine};
-use crate::kernel::Kernel;
+use crate::kernel::{HostedKernel, Kernel};
 use crate::pack::{self, InstallProgress, LoadedPack};
 use crate::warm::{self, WarmConfig, WarmKernel, WarmPools};
+use crate::worker::{WorkerCommand, Workers};
 use soulbox_runtime::Limits;
 use soulbox_runtime::demand::PoolStats;
 
@@ -27,7 +28,7 @@ const WARM_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the warm pools wait after a take before they refill.
 const WARM_REFILL_DELAY: Duration = Duration::from_millis(20);
 
-type KernelSlot = Arc<tokio::sync::Mutex<Option<Kernel>>>;
+type KernelSlot = Arc<tokio::sync::Mutex<Option<HostedKernel>>>;
 
 /// A kernel's key: its sandbox, language and cell context (`None`: the default one).
 type KernelKey = (SandboxId, Language, Option<String>);
@@ -55,6 +56,8 @@ pub struct WasmBackend {
     /// Warm kernels, for a server ([`WasmBackend::start_warm_pools`]).
     warm: std::sync::OnceLock<WarmPools>,
     warm_taken: Arc<tokio::sync::Notify>,
+    /// Worker processes the kernels run in, if any (else on this process's threads).
+    workers: Option<Workers>,
 }
 
 /// Builds a [`WasmBackend`].
@@ -62,6 +65,7 @@ pub struct WasmBackend {
 pub struct WasmBackendBuilder {
     data_dir: PathBuf,
     settings: EngineSettings,
+    workers: Option<WorkerCommand>,
 }
 
 impl WasmBackendBuilder {
@@ -69,6 +73,14 @@ impl WasmBackendBuilder {
     /// [`crate::engine::DEFAULT_MAX_INSTANCES`]).
     pub fn max_instances(mut self, max_instances: u32) -> Self {
         self.settings.max_instances = max_instances;
+        self
+    }
+
+    /// Runs kernels in worker processes started with `command` (see [`crate::worker`])
+    /// instead of on this process's threads. Each worker gets an equal share of the instance
+    /// slots, and some room to spare.
+    pub fn workers(mut self, command: WorkerCommand) -> Self {
+        self.workers = Some(command);
         self
     }
 
@@ -87,6 +99,7 @@ impl WasmBackendBuilder {
             max_kernels: usize::try_from(self.settings.max_instances).unwrap_or(usize::MAX),
             warm: std::sync::OnceLock::new(),
             warm_taken: Arc::default(),
+            workers: self.workers.map(Workers::new),
         };
         for record in pack::installed_packs(&backend.data_dir) {
             backend.load(record)?;
@@ -98,7 +111,11 @@ impl WasmBackendBuilder {
 impl WasmBackend {
     /// A builder whose packs and module cache live under `data_dir`.
     pub fn builder(data_dir: impl Into<PathBuf>) -> WasmBackendBuilder {
-        WasmBackendBuilder { data_dir: data_dir.into(), settings: EngineSettings::default() }
+        WasmBackendBuilder {
+            data_dir: data_dir.into(),
+            settings: EngineSettings::default(),
+            workers: None,
+        }
     }
 
     /// The engine.
@@ -236,15 +253,7 @@ impl WasmBackend {
         let dir = pools.root.join(format!("{language}-{n}"));
         warm::prepare(dir, language.clone(), |workspace, state| async move {
             let scratch = state.join(format!("wasm-{language}-{n}"));
-            let started = Kernel::start(
-                &pack.image,
-                pack.record.spec.driver,
-                &pack.dir,
-                &workspace,
-                scratch,
-                &Limits::default(),
-            )
-            .await?;
+            let started = self.start_kernel(&pack, &workspace, scratch, &Limits::default()).await?;
             let mut kernel = started.map_err(|termination| {
                 WasmError::Sandbox(format!("starting a warm {language} kernel: {termination}"))
             })?;
@@ -252,6 +261,50 @@ impl WasmBackend {
             Ok(kernel)
         })
         .await
+    }
+
+    /// Starts a kernel of `pack` in a worker process, or here when there are none.
+    async fn start_kernel(
+        &self,
+        pack: &LoadedPack,
+        workspace: &Path,
+        scratch: PathBuf,
+        limits: &Limits,
+    ) -> Result<Result<HostedKernel, soulbox_runtime::Termination>, WasmError> {
+        Ok(match &self.workers {
+            Some(workers) => workers
+                .start(pack.language(), workspace, scratch, limits)
+                .await?
+                .map(HostedKernel::InWorker),
+            None => {
+                let driver = pack.record.spec.driver;
+                Kernel::start(&pack.image, driver, &pack.dir, workspace, scratch, limits)
+                    .await?
+                    .map(HostedKernel::InProcess)
+            }
+        })
+    }
+
+    /// The process ids of the worker processes running now (none when kernels run here).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.as_ref().map(Workers::pids).unwrap_or_default()
+    }
+
+    /// The loaded pack of `language`, loading the packs installed since (by another process)
+    /// if it is not loaded yet.
+    pub(crate) fn installed_or_rescan(
+        &self,
+        language: &Language,
+    ) -> Result<Arc<LoadedPack>, WasmError> {
+        if let Some(pack) = self.pack(language) {
+            return Ok(pack);
+        }
+        for record in pack::installed_packs(&self.data_dir) {
+            if record.spec.language == *language {
+                return self.load(record);
+            }
+        }
+        self.installed(language)
     }
 
     /// The loaded pack of `language`, or the error that says how to install it.
@@ -348,17 +401,9 @@ impl WasmBackend {
             None => {
                 let n = self.next_kernel.fetch_add(1, Ordering::Relaxed);
                 let scratch = sandbox.state_dir().join(format!("wasm-{language}-{n}"));
-                let spec = &pack.record.spec;
                 tracing::debug!(%language, "starting a kernel");
-                let started = Kernel::start(
-                    &pack.image,
-                    spec.driver,
-                    &pack.dir,
-                    sandbox.workspace(),
-                    scratch,
-                    &request.limits,
-                )
-                .await?;
+                let started =
+                    self.start_kernel(&pack, sandbox.workspace(), scratch, &request.limits).await?;
                 match started {
                     Ok(mut kernel) => {
                         kernel.count_in(&self.live_kernels);

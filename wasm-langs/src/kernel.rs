@@ -113,6 +113,9 @@ pub(crate) fn wasi_context(
 ) -> Result<WasiP1Ctx, WasmError> {
     let mut builder = WasiCtxBuilder::new();
     builder
+        // File operations run on the guest's own thread rather than tokio's blocking pool:
+        // cheaper, and a worker process stays on one thread (see `crate::worker`).
+        .allow_blocking_current_thread(true)
         .args(argv)
         .envs(env)
         .stdin(MemoryInputPipe::new(stdin))
@@ -334,6 +337,54 @@ impl Kernel {
                 termination: stopped(&error, memory_exceeded, overflowed, limits),
                 reusable: false,
             },
+        }
+    }
+}
+
+/// A kernel where it runs: on this process's threads, or in a worker process
+/// ([`crate::worker`]).
+#[derive(Debug)]
+pub(crate) enum HostedKernel {
+    InProcess(Kernel),
+    InWorker(crate::worker::RemoteKernel),
+}
+
+impl HostedKernel {
+    /// See [`Kernel::moved`].
+    pub(crate) fn moved(&mut self, from: &Path, to: &Path) {
+        match self {
+            Self::InProcess(kernel) => kernel.moved(from, to),
+            Self::InWorker(kernel) => kernel.moved(from, to),
+        }
+    }
+
+    /// See [`Kernel::count_in`].
+    pub(crate) fn count_in(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
+        match self {
+            Self::InProcess(kernel) => kernel.count_in(count),
+            Self::InWorker(kernel) => kernel.count_in(count),
+        }
+    }
+
+    /// See [`Kernel::memory_gauge`] (a worker's kernel reports it after each cell).
+    pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
+        match self {
+            Self::InProcess(kernel) => kernel.memory_gauge(),
+            Self::InWorker(kernel) => kernel.memory_gauge(),
+        }
+    }
+
+    /// See [`Kernel::run_cell`].
+    pub(crate) async fn run_cell(
+        &mut self,
+        code: &str,
+        env: &std::collections::BTreeMap<String, String>,
+        limits: &Limits,
+        events: &EventSink,
+    ) -> CellEnd {
+        match self {
+            Self::InProcess(kernel) => kernel.run_cell(code, env, limits, events).await,
+            Self::InWorker(kernel) => kernel.run_cell(code, env, limits, events).await,
         }
     }
 }

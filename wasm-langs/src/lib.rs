@@ -48,6 +48,7 @@ pub mod pack;
 pub mod plugin;
 mod snapshot;
 pub mod warm;
+pub mod worker;
 
 use std::path::PathBuf;
 

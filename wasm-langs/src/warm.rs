@@ -17,7 +17,7 @@ use soulbox_runtime::demand::{Pool, PoolStats};
 use soulbox_runtime::{EventSink, Language, Limits};
 
 use crate::WasmError;
-use crate::kernel::Kernel;
+use crate::kernel::HostedKernel;
 
 /// How a server keeps warm kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ impl Default for WarmConfig {
 pub struct WarmKernel {
     dir: PathBuf,
     language: Language,
-    kernel: Option<Kernel>,
+    kernel: Option<HostedKernel>,
 }
 
 impl WarmKernel {
@@ -57,7 +57,7 @@ impl WarmKernel {
     }
 
     /// The kernel, now that its directory moved to `to`.
-    pub(crate) fn into_kernel(mut self, to: &Path) -> Option<Kernel> {
+    pub(crate) fn into_kernel(mut self, to: &Path) -> Option<HostedKernel> {
         let mut kernel = self.kernel.take()?;
         kernel.moved(&self.dir, to);
         Some(kernel)
@@ -113,7 +113,7 @@ pub(crate) async fn prepare<F>(
     start: impl FnOnce(PathBuf, PathBuf) -> F,
 ) -> Result<WarmKernel, WasmError>
 where
-    F: std::future::Future<Output = Result<Kernel, WasmError>>,
+    F: std::future::Future<Output = Result<HostedKernel, WasmError>>,
 {
     let workspace = dir.join("workspace");
     let state = dir.join("state");

@@ -1,0 +1,144 @@
+//! WASM worker processes (`wasm-langs/src/worker.rs`): kernels of a server run in child
+//! processes, keep their state between cells there, and a worker that dies, idle or mid-cell,
+//! costs only its own kernels: their next cell says so, the one after gets a new kernel in a
+//! new worker, and no cell waits for a dead one.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use soulbox_tests::{TEST_API_KEY, http_request_with, serve_app, wasm_workers};
+
+/// A sandbox of `template`: its id and access token.
+async fn create(base: &str, template: &str) -> (String, String) {
+    let headers = [("x-api-key", TEST_API_KEY), ("content-type", "application/json")];
+    let body = serde_json::to_vec(&json!({"templateID": template})).expect("json");
+    let (status, _, bytes) =
+        http_request_with("POST", &format!("{base}/v2/sandboxes"), &headers, Some(body)).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&bytes));
+    let created: Value = serde_json::from_slice(&bytes).expect("json");
+    let id = created["sandboxID"].as_str().expect("an id").to_owned();
+    let token = created["envdAccessToken"].as_str().expect("a token").to_owned();
+    (id, token)
+}
+
+/// A cell's events, as the code interpreter streams them.
+async fn execute(base: &str, id: &str, token: &str, code: &str) -> Vec<Value> {
+    let headers = [
+        ("e2b-sandbox-id", id),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token),
+        ("content-type", "application/json"),
+        ("x-api-key", TEST_API_KEY),
+    ];
+    let body = serde_json::to_vec(&json!({"code": code})).expect("json");
+    let (status, _, bytes) =
+        http_request_with("POST", &format!("{base}/execute"), &headers, Some(body)).await;
+    assert_eq!(status, 200);
+    String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn result_text(events: &[Value]) -> Option<&str> {
+    events.iter().find(|e| e["type"] == "result").and_then(|e| e["text"].as_str())
+}
+
+fn error_text(events: &[Value]) -> String {
+    events.iter().filter(|e| e["type"] == "error").map(Value::to_string).collect()
+}
+
+fn kill(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the worker");
+}
+
+/// Whether the test servers run kernels in workers; prints why not when they do not.
+fn workers_on() -> bool {
+    if wasm_workers().is_none() {
+        eprintln!("SKIPPED: test servers run WASM kernels on their own threads (see above)");
+        return false;
+    }
+    true
+}
+
+#[tokio::test]
+async fn kernels_live_in_workers_and_a_dead_worker_costs_only_its_kernels() {
+    if !workers_on() {
+        return;
+    }
+    let (base, _data, app) = serve_app().await;
+    let (id, token) = create(&base, "code-interpreter-v1").await;
+    let events = execute(&base, &id, &token, "x = 41\nprint('hello from', 'a worker')").await;
+    let stdout: String = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(stdout, "hello from a worker\n", "{events:?}");
+    assert_eq!(result_text(&execute(&base, &id, &token, "x + 1").await), Some("42"));
+
+    // The kernel is in a child process, not in this one.
+    let workers = app.wasm().worker_pids();
+    assert_eq!(workers.len(), 2, "two workers run: {workers:?}");
+    let own = std::process::id();
+    for pid in &workers {
+        assert_ne!(*pid, own);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
+        assert_eq!(ppid, Some(own.to_string().as_str()), "a child of the server");
+    }
+    // A second sandbox's JavaScript kernel runs beside it.
+    let (js, js_token) = create(&base, "javascript").await;
+    assert_eq!(result_text(&execute(&base, &js, &js_token, "6 * 7").await), Some("42"));
+
+    // Both workers die between cells: the Python kernel's state is gone, and its next cell
+    // says so instead of running somewhere without it.
+    for pid in &workers {
+        kill(*pid);
+    }
+    let began = Instant::now();
+    while app.wasm().worker_pids().iter().any(|pid| workers.contains(pid)) {
+        assert!(began.elapsed() < Duration::from_secs(10), "the dead workers are noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lost = execute(&base, &id, &token, "x + 1").await;
+    let error = error_text(&lost);
+    assert!(error.contains("worker"), "the next cell reports the lost kernel: {lost:?}");
+    // The one after starts a new kernel, in a new worker, from the image: `x` is gone.
+    let fresh = execute(&base, &id, &token, "'x' in globals(), 6 * 7").await;
+    assert_eq!(result_text(&fresh), Some("(False, 42)"), "{fresh:?}");
+    let replaced = app.wasm().worker_pids();
+    assert_eq!(replaced.len(), 2, "the workers were replaced: {replaced:?}");
+    assert!(replaced.iter().all(|pid| !workers.contains(pid)));
+    // So did the JavaScript kernel, in the other worker.
+    let lost = execute(&base, &js, &js_token, "1 + 1").await;
+    assert!(error_text(&lost).contains("worker"), "{lost:?}");
+    assert_eq!(result_text(&execute(&base, &js, &js_token, "1 + 1").await), Some("2"));
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_cell_ends_the_cell_at_once() {
+    if !workers_on() {
+        return;
+    }
+    let (base, _data, app) = serve_app().await;
+    let (id, token) = create(&base, "code-interpreter-v1").await;
+    assert_eq!(result_text(&execute(&base, &id, &token, "1").await), Some("1"));
+    let before = app.wasm().worker_pids();
+    let spinning = {
+        let (base, id, token) = (base.clone(), id.clone(), token.clone());
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let events = execute(&base, &id, &token, "while True: pass").await;
+            (events, began.elapsed())
+        })
+    };
+    // Once the cell spins, every worker dies (the spinning one among them).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for pid in &before {
+        kill(*pid);
+    }
+    let (events, took) = spinning.await.expect("the cell's request");
+    assert!(took < Duration::from_secs(10), "the cell ended when its worker died: {took:?}");
+    let error = error_text(&events);
+    assert!(error.contains("worker"), "{events:?}");
+    assert_eq!(result_text(&execute(&base, &id, &token, "2 + 2").await), Some("4"));
+}

@@ -230,17 +230,20 @@ async fn the_terminal_websocket_bridges_a_pty_and_reattaches() {
     terminal.shows(b"bin:\xff\x00\x01:end").await;
     // A resize, then refused ones: each refusal is said, and the terminal goes on.
     terminal.text(r#"{"type":"resize","cols":120,"rows":40}"#).await;
-    for refused in [
-        r#"{"type":"resize","cols":0,"rows":24}"#,
-        r#"{"type":"resize","cols":80,"rows":100000}"#,
-        r#"{"type":"shout"}"#,
-        "ls",
+    for (refused, because) in [
+        (r#"{"type":"resize","cols":0,"rows":24}"#, "0x24"),
+        (r#"{"type":"resize","cols":80,"rows":100000}"#, "80x100000"),
+        (r#"{"type":"shout"}"#, "shout"),
+        ("ls", "JSON"),
     ] {
         terminal.text(refused).await;
         let said = terminal.said_next().await;
         assert_eq!(said["type"], "error", "{refused}: {said}");
-        assert!(said["message"].as_str().is_some_and(|m| !m.is_empty()), "{said}");
+        // Each refusal is this message's own (a refused resize to 120x40 would show here).
+        let message = said["message"].as_str().unwrap_or_default();
+        assert!(message.contains(because), "{refused}: {said}");
     }
+    assert!(terminal.said.is_empty(), "nothing else was said: {:?}", terminal.said);
     terminal.keys("stty size\n").await;
     terminal.shows(b"40 120\r\n").await;
     terminal.keys("export MARK=kept-$((40+2))\n").await;

@@ -37,6 +37,28 @@ pub fn resident_bytes_of(pid: u32) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
+/// The resident set size in bytes of `soulbox serve` with process id `pid` and of its WASM
+/// workers (its children running `soulbox wasm-worker`), where its WASM kernels live; `None`
+/// when the server's cannot be read.
+pub fn server_resident_bytes(pid: u32) -> Option<u64> {
+    let server = resident_bytes_of(pid)?;
+    // Each thread lists the children it started.
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let workers: u64 = threads
+        .filter_map(Result::ok)
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+        .flat_map(|children| {
+            children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).collect::<Vec<_>>()
+        })
+        .filter(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("wasm-worker"))
+        })
+        .filter_map(resident_bytes_of)
+        .sum();
+    Some(server + workers)
+}
+
 /// A duration in milliseconds, as a float (for JSON reports).
 pub fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

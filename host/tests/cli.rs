@@ -140,6 +140,18 @@ fn unknown_pack_to_install_is_a_usage_error() {
 }
 
 #[test]
+fn a_wasm_worker_is_for_soulbox_serve_only() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    // `Command::output` gives it /dev/null as standard input, not the socket `serve` gives.
+    let out = soulbox(empty.path(), &["wasm-worker", "--max-kernels", "4"]);
+    assert_eq!(out.status.code(), Some(70), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("workers are started by `soulbox serve`"));
+    // It is not offered as a command.
+    let help = soulbox(empty.path(), &["--help"]);
+    assert!(!text(&help.stdout).contains("wasm-worker"), "{}", text(&help.stdout));
+}
+
+#[test]
 fn serve_answers_over_http() {
     let data = installed();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,25 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use soulbox_runtime::Language;
-use soulbox_tests::{TEST_API_KEY, http_request_with, serve_app};
+use soulbox_tests::{TEST_API_KEY, execute_cell, http_request_with, serve_app};
 
 /// A cell in sandbox `id`: its result's text, or the error line.
 async fn cell(base: &str, id: &str, token: &str, code: &str) -> String {
-    let headers = [
-        ("e2b-sandbox-id", id),
-        ("e2b-sandbox-port", "49999"),
-        ("x-access-token", token),
-        ("content-type", "application/json"),
-        ("x-api-key", TEST_API_KEY),
-    ];
-    let body = serde_json::to_vec(&json!({"code": code})).expect("json");
-    let (status, _, bytes) =
-        http_request_with("POST", &format!("{base}/execute"), &headers, Some(body)).await;
-    assert_eq!(status, 200);
-    let lines: Vec<Value> = String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect();
+    let lines = execute_cell(base, id, token, code).await;
     lines
         .iter()
         .find_map(|l| (l["type"] == "result").then(|| l["text"].as_str().unwrap_or("").to_owned()))

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use soulbox_tests::{TEST_API_KEY, http_request_with, serve_app, wasm_workers};
+use soulbox_tests::{TEST_API_KEY, execute_cell, http_request_with, serve_app, wasm_workers};
 
 /// A sandbox of `template`: its id and access token.
 async fn create(base: &str, template: &str) -> (String, String) {
@@ -19,22 +19,6 @@ async fn create(base: &str, template: &str) -> (String, String) {
     let id = created["sandboxID"].as_str().expect("an id").to_owned();
     let token = created["envdAccessToken"].as_str().expect("a token").to_owned();
     (id, token)
-}
-
-/// A cell's events, as the code interpreter streams them.
-async fn execute(base: &str, id: &str, token: &str, code: &str) -> Vec<Value> {
-    let headers = [
-        ("e2b-sandbox-id", id),
-        ("e2b-sandbox-port", "49999"),
-        ("x-access-token", token),
-        ("content-type", "application/json"),
-        ("x-api-key", TEST_API_KEY),
-    ];
-    let body = serde_json::to_vec(&json!({"code": code})).expect("json");
-    let (status, _, bytes) =
-        http_request_with("POST", &format!("{base}/execute"), &headers, Some(body)).await;
-    assert_eq!(status, 200);
-    String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 fn result_text(events: &[Value]) -> Option<&str> {
@@ -66,14 +50,14 @@ async fn kernels_live_in_workers_and_a_dead_worker_costs_only_its_kernels() {
     }
     let (base, _data, app) = serve_app().await;
     let (id, token) = create(&base, "code-interpreter-v1").await;
-    let events = execute(&base, &id, &token, "x = 41\nprint('hello from', 'a worker')").await;
+    let events = execute_cell(&base, &id, &token, "x = 41\nprint('hello from', 'a worker')").await;
     let stdout: String = events
         .iter()
         .filter(|e| e["type"] == "stdout")
         .filter_map(|e| e["text"].as_str())
         .collect();
     assert_eq!(stdout, "hello from a worker\n", "{events:?}");
-    assert_eq!(result_text(&execute(&base, &id, &token, "x + 1").await), Some("42"));
+    assert_eq!(result_text(&execute_cell(&base, &id, &token, "x + 1").await), Some("42"));
 
     // The kernel is in a child process, not in this one.
     let workers = app.wasm().worker_pids();
@@ -87,7 +71,7 @@ async fn kernels_live_in_workers_and_a_dead_worker_costs_only_its_kernels() {
     }
     // A second sandbox's JavaScript kernel runs beside it.
     let (js, js_token) = create(&base, "javascript").await;
-    assert_eq!(result_text(&execute(&base, &js, &js_token, "6 * 7").await), Some("42"));
+    assert_eq!(result_text(&execute_cell(&base, &js, &js_token, "6 * 7").await), Some("42"));
 
     // Both workers die between cells: the Python kernel's state is gone, and its next cell
     // says so instead of running somewhere without it.
@@ -99,19 +83,19 @@ async fn kernels_live_in_workers_and_a_dead_worker_costs_only_its_kernels() {
         assert!(began.elapsed() < Duration::from_secs(10), "the dead workers are noticed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lost = execute(&base, &id, &token, "x + 1").await;
+    let lost = execute_cell(&base, &id, &token, "x + 1").await;
     let error = error_text(&lost);
     assert!(error.contains("worker"), "the next cell reports the lost kernel: {lost:?}");
     // The one after starts a new kernel, in a new worker, from the image: `x` is gone.
-    let fresh = execute(&base, &id, &token, "'x' in globals(), 6 * 7").await;
+    let fresh = execute_cell(&base, &id, &token, "'x' in globals(), 6 * 7").await;
     assert_eq!(result_text(&fresh), Some("(False, 42)"), "{fresh:?}");
     let replaced = app.wasm().worker_pids();
     assert_eq!(replaced.len(), 2, "the workers were replaced: {replaced:?}");
     assert!(replaced.iter().all(|pid| !workers.contains(pid)));
     // So did the JavaScript kernel, in the other worker.
-    let lost = execute(&base, &js, &js_token, "1 + 1").await;
+    let lost = execute_cell(&base, &js, &js_token, "1 + 1").await;
     assert!(error_text(&lost).contains("worker"), "{lost:?}");
-    assert_eq!(result_text(&execute(&base, &js, &js_token, "1 + 1").await), Some("2"));
+    assert_eq!(result_text(&execute_cell(&base, &js, &js_token, "1 + 1").await), Some("2"));
 }
 
 #[tokio::test]
@@ -121,13 +105,13 @@ async fn a_worker_killed_mid_cell_ends_the_cell_at_once() {
     }
     let (base, _data, app) = serve_app().await;
     let (id, token) = create(&base, "code-interpreter-v1").await;
-    assert_eq!(result_text(&execute(&base, &id, &token, "1").await), Some("1"));
+    assert_eq!(result_text(&execute_cell(&base, &id, &token, "1").await), Some("1"));
     let before = app.wasm().worker_pids();
     let spinning = {
         let (base, id, token) = (base.clone(), id.clone(), token.clone());
         tokio::spawn(async move {
             let began = Instant::now();
-            let events = execute(&base, &id, &token, "while True: pass").await;
+            let events = execute_cell(&base, &id, &token, "while True: pass").await;
             (events, began.elapsed())
         })
     };
@@ -140,5 +124,5 @@ async fn a_worker_killed_mid_cell_ends_the_cell_at_once() {
     assert!(took < Duration::from_secs(10), "the cell ended when its worker died: {took:?}");
     let error = error_text(&events);
     assert!(error.contains("worker"), "{events:?}");
-    assert_eq!(result_text(&execute(&base, &id, &token, "2 + 2").await), Some("4"));
+    assert_eq!(result_text(&execute_cell(&base, &id, &token, "2 + 2").await), Some("4"));
 }

@@ -112,6 +112,23 @@ pub async fn http_request(
     http_request_with(method, url, &headers, body).await
 }
 
+/// A cell run through the code interpreter's `POST /execute` in sandbox `id` (with its access
+/// token): the events it streamed, as JSON.
+pub async fn execute_cell(base: &str, id: &str, token: &str, code: &str) -> Vec<serde_json::Value> {
+    let headers = [
+        ("e2b-sandbox-id", id),
+        ("e2b-sandbox-port", "49999"),
+        ("x-access-token", token),
+        ("content-type", "application/json"),
+        ("x-api-key", TEST_API_KEY),
+    ];
+    let body = serde_json::to_vec(&serde_json::json!({"code": code})).expect("json");
+    let (status, _, bytes) =
+        http_request_with("POST", &format!("{base}/execute"), &headers, Some(body)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
 /// One HTTP request over a real socket with these headers; its status, headers and body.
 pub async fn http_request_with(
     method: &str,

@@ -193,9 +193,18 @@ pub fn serve(data_dir: &Path, settings: EngineSettings) -> Result<(), WasmError>
         .enable_all()
         .build()
         .map_err(|e| WasmError::Engine(format!("starting the worker's runtime: {e}")))?;
-    let backend = WasmBackend::builder(data_dir).max_instances(settings.max_instances).build()?;
     let io = |source| WasmError::Io { path: "standard input".into(), source };
     let socket = std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned().map_err(io)?;
+    let socket = std::fs::File::from(socket);
+    if !std::os::unix::fs::FileTypeExt::is_socket(&socket.metadata().map_err(io)?.file_type()) {
+        return Err(WasmError::Engine(
+            "a WASM worker serves `soulbox serve` over a socket on its standard input, and \
+             this standard input is not one: workers are started by `soulbox serve`"
+                .into(),
+        ));
+    }
+    let socket = std::os::fd::OwnedFd::from(socket);
+    let backend = WasmBackend::builder(data_dir).max_instances(settings.max_instances).build()?;
     runtime.block_on(async move {
         let socket = std::os::unix::net::UnixStream::from(socket);
         socket.set_nonblocking(true).map_err(io)?;

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{Value, json};
-use soulbox_benches::{mebibytes, millis, percentile, resident_bytes_of};
+use soulbox_benches::{mebibytes, millis, percentile, server_resident_bytes};
 
 /// Clients of a load run when `--clients` is not given.
 const DEFAULT_LOAD_CLIENTS: usize = 32;
@@ -107,7 +107,8 @@ struct Options {
     /// The template of the sandboxes, instead of the scenario's own.
     #[arg(long)]
     template: Option<String>,
-    /// The server's process id, to read its resident memory from `/proc/<pid>/status`.
+    /// The server's process id, to read its resident memory (with its WASM workers') from
+    /// `/proc`.
     #[arg(long)]
     server_pid: Option<u32>,
     /// Print one JSON object on stdout instead of a table.
@@ -618,7 +619,7 @@ impl RssSampler {
         let task = tokio::spawn(async move {
             let mut peak = 0;
             loop {
-                peak = peak.max(resident_bytes_of(pid).unwrap_or(0));
+                peak = peak.max(server_resident_bytes(pid).unwrap_or(0));
                 if stopped.load(Ordering::Relaxed) {
                     return peak;
                 }
@@ -745,7 +746,7 @@ async fn run_load(options: &Options, api: &Api, scenario: Scenario) -> anyhow::R
             eprintln!("soulbox-load: the warm-up iteration failed: {}", failure.message);
         }
     }
-    let before = options.server_pid.and_then(resident_bytes_of);
+    let before = options.server_pid.and_then(server_resident_bytes);
     let sampler = options.server_pid.map(RssSampler::start);
     let began = Instant::now();
     let deadline = began + options.duration;
@@ -771,7 +772,7 @@ async fn run_load(options: &Options, api: &Api, scenario: Scenario) -> anyhow::R
         Some(sampler) => sampler.peak().await,
         None => 0,
     };
-    let after = options.server_pid.and_then(resident_bytes_of);
+    let after = options.server_pid.and_then(server_resident_bytes);
     for sandbox in sandboxes.iter() {
         if let Err(failure) = api.kill(&sandbox.id).await {
             tally.errors.add(failure.message);
@@ -928,7 +929,7 @@ async fn run_soak(options: &Options, api: &Api, tier: SoakTier) -> anyhow::Resul
         SoakTier::Native => "base",
     };
     let template: Arc<str> = options.template.as_deref().unwrap_or(default_template).into();
-    let rss_start = options.server_pid.and_then(resident_bytes_of);
+    let rss_start = options.server_pid.and_then(server_resident_bytes);
     let available_start = Some(soulbox_runtime::host_memory::available_bytes());
     let claimed = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -961,7 +962,7 @@ async fn run_soak(options: &Options, api: &Api, tier: SoakTier) -> anyhow::Resul
         }
     }
     let fill = began.elapsed();
-    let rss_full = options.server_pid.and_then(resident_bytes_of);
+    let rss_full = options.server_pid.and_then(server_resident_bytes);
     let available_full = Some(soulbox_runtime::host_memory::available_bytes());
     let listed_when_full = api.count_live().await.ok();
     let per_live = |used: f64| (live > 0).then(|| used / live as f64);
@@ -978,7 +979,7 @@ async fn run_soak(options: &Options, api: &Api, tier: SoakTier) -> anyhow::Resul
     let cleanup_errors = kill_all(api, created.clone()).await;
     let cleanup = began.elapsed();
     let left_live = api.count_live().await.ok();
-    let rss_after_cleanup = options.server_pid.and_then(resident_bytes_of);
+    let rss_after_cleanup = options.server_pid.and_then(server_resident_bytes);
     Ok(SoakReport {
         mode: "soak",
         tier,

@@ -126,3 +126,47 @@ async fn a_worker_killed_mid_cell_ends_the_cell_at_once() {
     assert!(error.contains("worker"), "{events:?}");
     assert_eq!(result_text(&execute_cell(&base, &id, &token, "2 + 2").await), Some("4"));
 }
+
+/// `POST /v1/run` of a Python cell under `limits`: the answer.
+async fn run(base: &str, code: &str, limits: Value) -> Value {
+    let body = serde_json::to_vec(&json!({"language": "python", "code": code, "limits": limits}));
+    let (status, _, answer) =
+        soulbox_tests::http_request("POST", &format!("{base}/v1/run"), Some(body.expect("json")))
+            .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    serde_json::from_slice(&answer).expect("json")
+}
+
+#[tokio::test]
+async fn every_limit_holds_and_is_enforced_in_a_worker() {
+    if !workers_on() {
+        return;
+    }
+    let (base, _data, app) = serve_app().await;
+    // Output: 3 MiB through the worker's socket, whole, under an 8 MiB cap; cut at a 1 MiB one.
+    let big = "print('x' * (3 << 20))";
+    let held = run(&base, big, json!({"stdout_bytes": 8 << 20})).await;
+    assert_eq!(
+        held["termination"],
+        json!({"kind": "exited", "code": 0}),
+        "{}",
+        held["termination"]
+    );
+    let stdout = held["stdout"].as_str().expect("stdout");
+    assert!(stdout.len() == (3 << 20) + 1 && stdout.bytes().all(|b| b == b'x' || b == b'\n'));
+    let cut = run(&base, big, json!({"stdout_bytes": 1 << 20})).await;
+    assert_eq!(cut["termination"]["kind"], "output_limit_exceeded", "{}", cut["termination"]);
+    // Memory: 200 MiB fits in 512 MiB, not in 128 MiB.
+    let grow = "b = bytearray(200 << 20)\nlen(b)";
+    let fits = run(&base, grow, json!({"memory_bytes": 512u64 << 20})).await;
+    assert_eq!(fits["results"][0]["data"]["text/plain"], "209715200", "{fits}");
+    let over = run(&base, grow, json!({"memory_bytes": 128u64 << 20})).await;
+    assert_eq!(over["termination"]["kind"], "memory_exceeded", "{}", over["termination"]);
+    // Time: a spinning cell is stopped at its limit, by the worker.
+    let spin = run(&base, "while True: pass", json!({"timeout_ms": 300})).await;
+    assert_eq!(spin["termination"], json!({"kind": "timed_out", "limit_ms": 300}));
+    // And the worker goes on serving.
+    let after = run(&base, "6 * 7", json!({})).await;
+    assert_eq!(after["results"][0]["data"]["text/plain"], "42", "{after}");
+    assert_eq!(app.wasm().worker_pids().len(), 2, "the two workers served all of it");
+}

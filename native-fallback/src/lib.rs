@@ -449,7 +449,12 @@ impl NativeTier {
             if let Some(mut taken) = taken
                 && let Some(prepared) = taken.prepared.take()
             {
-                match std::fs::rename(&taken.writable, &root.writable) {
+                let moved = root
+                    .writable
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::rename(&taken.writable, &root.writable));
+                match moved {
                     Ok(()) => match prepared.enter(self, Some(workspace), memory_bytes).await {
                         Ok(sandbox) => return Ok(sandbox),
                         Err(e) => {

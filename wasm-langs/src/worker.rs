@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,6 +38,12 @@ const MAX_FRAME_BYTES: usize = 256 << 20;
 /// How long past its own wall-clock limit the server waits for a worker's cell before it
 /// gives the kernel up (the worker enforces the limit; this catches a worker that hangs).
 const CELL_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a worker may take to start a kernel (it takes milliseconds).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a kernel could not start in a worker that died.
+const WORKER_ENDED_AT_START: &str = "the WASM worker process ended while starting a kernel";
 
 /// What a cell of a kernel whose worker died says.
 const WORKER_GONE: &str = "the kernel's WASM worker process ended, and the kernel's state with \
@@ -399,7 +405,15 @@ enum Incoming {
     CellEnd { termination: Termination, reusable: bool, memory_bytes: u64 },
 }
 
-type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Incoming>>>>;
+/// Where a worker's replies go, by kernel; `None` once the worker is gone (so a kernel cannot
+/// be routed to a worker that will never answer).
+type Routes = Arc<Mutex<Option<HashMap<u64, mpsc::UnboundedSender<Incoming>>>>>;
+
+fn lock_routes(
+    routes: &Routes,
+) -> std::sync::MutexGuard<'_, Option<HashMap<u64, mpsc::UnboundedSender<Incoming>>>> {
+    routes.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// One worker process as the server sees it.
 #[derive(Debug)]
@@ -407,7 +421,6 @@ struct Worker {
     requests: mpsc::UnboundedSender<Frame>,
     routes: Routes,
     kernels: AtomicUsize,
-    alive: Arc<AtomicBool>,
     pid: Option<u32>,
 }
 
@@ -425,13 +438,12 @@ impl Worker {
         let pid = child.id();
         ours.set_nonblocking(true).map_err(io)?;
         let (mut reader, writer) = tokio::net::UnixStream::from_std(ours).map_err(io)?.into_split();
-        let routes = Routes::default();
-        let alive = Arc::new(AtomicBool::new(true));
-        let (routes2, alive2) = (routes.clone(), alive.clone());
+        let routes = Routes::new(Mutex::new(Some(HashMap::new())));
+        let replies = routes.clone();
         tokio::spawn(async move {
             loop {
                 match Frame::read(&mut reader).await {
-                    Ok(Some(frame)) => route(frame, &routes2),
+                    Ok(Some(frame)) => route(frame, &replies),
                     Ok(None) => break,
                     Err(error) => {
                         tracing::warn!(%error, "reading from a WASM worker");
@@ -440,8 +452,7 @@ impl Worker {
                 }
             }
             // Every kernel of this worker is gone with it: their channels close.
-            alive2.store(false, Ordering::Relaxed);
-            routes2.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            *lock_routes(&replies) = None;
             drop(reader);
             match child.wait().await {
                 Ok(status) if status.success() => {}
@@ -450,17 +461,15 @@ impl Worker {
             }
         });
         tracing::debug!(?pid, "started a WASM worker");
-        Ok(Self {
-            requests: spawn_writer(writer),
-            routes,
-            kernels: AtomicUsize::new(0),
-            alive,
-            pid,
-        })
+        Ok(Self { requests: spawn_writer(writer), routes, kernels: AtomicUsize::new(0), pid })
     }
 
     fn send(&self, request: &Request) {
         let _ = self.requests.send(Frame::json(request));
+    }
+
+    fn alive(&self) -> bool {
+        lock_routes(&self.routes).is_some()
     }
 }
 
@@ -490,8 +499,8 @@ fn route(frame: Frame, routes: &Routes) {
             }
         },
     };
-    let routes = routes.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(to) = routes.get(&kernel) {
+    let routes = lock_routes(routes);
+    if let Some(to) = routes.as_ref().and_then(|routes| routes.get(&kernel)) {
         let _ = to.send(incoming);
     }
 }
@@ -516,19 +525,14 @@ impl Workers {
     /// The process ids of the workers running now.
     pub fn pids(&self) -> Vec<u32> {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        workers
-            .iter()
-            .flatten()
-            .filter(|w| w.alive.load(Ordering::Relaxed))
-            .filter_map(|w| w.pid)
-            .collect()
+        workers.iter().flatten().filter(|w| w.alive()).filter_map(|w| w.pid).collect()
     }
 
     /// The live worker with the fewest kernels, started (again) if it is not running.
     fn least_loaded(&self) -> Result<Arc<Worker>, WasmError> {
         let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         for slot in workers.iter_mut() {
-            if !slot.as_ref().is_some_and(|w| w.alive.load(Ordering::Relaxed)) {
+            if !slot.as_ref().is_some_and(|w| w.alive()) {
                 *slot = Some(Arc::new(Worker::spawn(&self.command)?));
             }
         }
@@ -551,7 +555,10 @@ impl Workers {
         let worker = self.least_loaded()?;
         let id = self.next_kernel.fetch_add(1, Ordering::Relaxed);
         let (to_kernel, mut incoming) = mpsc::unbounded_channel();
-        worker.routes.lock().unwrap_or_else(PoisonError::into_inner).insert(id, to_kernel);
+        match lock_routes(&worker.routes).as_mut() {
+            Some(routes) => routes.insert(id, to_kernel),
+            None => return Err(WasmError::Sandbox(WORKER_ENDED_AT_START.into())),
+        };
         worker.kernels.fetch_add(1, Ordering::Relaxed);
         // From here on, dropping the kernel tells the worker and frees its place.
         let mut kernel =
@@ -563,7 +570,12 @@ impl Workers {
             scratch,
             limits: *limits,
         });
-        match incoming.recv().await {
+        let Ok(started) = tokio::time::timeout(START_TIMEOUT, incoming.recv()).await else {
+            return Err(WasmError::Sandbox(format!(
+                "a WASM worker did not start a kernel within {START_TIMEOUT:?}"
+            )));
+        };
+        match started {
             Some(Incoming::Started(StartOutcome::Ready { memory_bytes })) => {
                 kernel.memory.store(memory_bytes, Ordering::Relaxed);
                 kernel.incoming = Some(incoming);
@@ -576,9 +588,7 @@ impl Workers {
             Some(other) => {
                 Err(WasmError::Sandbox(format!("a WASM worker answered {other:?} to a start")))
             }
-            None => Err(WasmError::Sandbox(
-                "the WASM worker process ended while starting a kernel".into(),
-            )),
+            None => Err(WasmError::Sandbox(WORKER_ENDED_AT_START.into())),
         }
     }
 }
@@ -662,7 +672,9 @@ impl RemoteKernel {
 
 impl Drop for RemoteKernel {
     fn drop(&mut self) {
-        self.worker.routes.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        if let Some(routes) = lock_routes(&self.worker.routes).as_mut() {
+            routes.remove(&self.id);
+        }
         self.worker.kernels.fetch_sub(1, Ordering::Relaxed);
         self.worker.send(&Request::Drop { kernel: self.id });
     }

@@ -78,13 +78,14 @@ fn soulbox_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("SOULBOX_BIN") {
         return Some(PathBuf::from(path));
     }
+    // This bench runs as target/<profile>/deps/load-<hash>, as tests do.
+    if let Some(beside) = soulbox_tests::soulbox_binary() {
+        return Some(beside);
+    }
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
-    // This bench runs as target/<profile>/deps/load-<hash>.
-    let beside =
-        std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.parent()?.join("soulbox")));
-    beside
+    ["release", "debug"]
+        .map(|profile| target.join(profile).join("soulbox"))
         .into_iter()
-        .chain(["release", "debug"].map(|profile| target.join(profile).join("soulbox")))
         .find(|path| path.is_file())
 }
 

@@ -42,20 +42,8 @@ pub fn resident_bytes_of(pid: u32) -> Option<u64> {
 /// when the server's cannot be read.
 pub fn server_resident_bytes(pid: u32) -> Option<u64> {
     let server = resident_bytes_of(pid)?;
-    // Each thread lists the children it started.
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let workers: u64 = threads
-        .filter_map(Result::ok)
-        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
-        .flat_map(|children| {
-            children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).collect::<Vec<_>>()
-        })
-        .filter(|child| {
-            std::fs::read(format!("/proc/{child}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("wasm-worker"))
-        })
-        .filter_map(resident_bytes_of)
-        .sum();
+    let workers: u64 =
+        soulbox_tests::wasm_worker_pids(pid).into_iter().filter_map(resident_bytes_of).sum();
     Some(server + workers)
 }
 

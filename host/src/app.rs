@@ -75,8 +75,6 @@ pub struct TierStatus {
     pub reason: Option<String>,
 }
 
-/// The data directory when none is given: `$XDG_DATA_HOME/soulbox` (on Linux usually
-/// `~/.local/share/soulbox`).
 /// Extra kernel slots each WASM worker has beyond its equal share (workers are filled
 /// evenly, but not exactly).
 #[cfg(feature = "wasm")]
@@ -112,6 +110,8 @@ impl WasmWorkers {
     }
 }
 
+/// The data directory when none is given: `$XDG_DATA_HOME/soulbox` (on Linux usually
+/// `~/.local/share/soulbox`).
 pub fn default_data_dir() -> PathBuf {
     dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("soulbox")
 }

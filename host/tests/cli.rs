@@ -1181,26 +1181,7 @@ fn a_load_run_leaves_no_sandbox_cgroup_or_descriptor_behind() {
     let descriptors_of =
         |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     let descriptors = || descriptors_of(pid);
-    // The WASM workers: the server's children running `soulbox wasm-worker`.
-    let workers = || -> Vec<u32> {
-        // Each thread lists the children it started.
-        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads");
-        let children: String = threads
-            .filter_map(Result::ok)
-            .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let mut workers: Vec<u32> = children
-            .split_whitespace()
-            .filter_map(|child| child.parse().ok())
-            .filter(|child| {
-                std::fs::read(format!("/proc/{child}/cmdline"))
-                    .is_ok_and(|cmdline| text(&cmdline).contains("wasm-worker"))
-            })
-            .collect();
-        workers.sort_unstable();
-        workers
-    };
+    let workers = || soulbox_tests::wasm_worker_pids(pid);
     let worker_descriptors = || workers().into_iter().map(descriptors_of).sum::<usize>();
     // One cycle of what the load does: a sandbox, a cell and a command in it, its kill; and a
     // one-off run of each kind.

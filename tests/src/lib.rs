@@ -247,6 +247,26 @@ pub fn soulbox_binary() -> Option<PathBuf> {
     binary.is_file().then_some(binary)
 }
 
+/// The process ids of the WASM workers of `soulbox serve` with process id `server`: its
+/// children running `soulbox wasm-worker`, in order.
+pub fn wasm_worker_pids(server: u32) -> Vec<u32> {
+    // Each thread lists the children it started.
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{server}/task")) else { return Vec::new() };
+    let mut workers: Vec<u32> = threads
+        .filter_map(Result::ok)
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+        .flat_map(|children| {
+            children.split_whitespace().filter_map(|c| c.parse().ok()).collect::<Vec<u32>>()
+        })
+        .filter(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("wasm-worker"))
+        })
+        .collect();
+    workers.sort_unstable();
+    workers
+}
+
 /// The WASM workers of a test server, as `soulbox serve` has them (two, whatever the CPUs):
 /// `None`, with the reason printed once, when the `soulbox` binary is not built (run the
 /// tests with `cargo test --workspace`), or when `SOULBOX_TEST_WASM_WORKERS=0` asks for

@@ -16,7 +16,7 @@ use soulbox_runtime::{
 
 use crate::WasmError;
 use crate::engine::{EngineSettings, WasmEngine};
-use crate::kernel::{HostedKernel, Kernel};
+use crate::kernel::{HostedKernel, Kernel, KernelPlace};
 use crate::pack::{self, InstallProgress, LoadedPack};
 use crate::warm::{self, WarmConfig, WarmKernel, WarmPools};
 use crate::worker::{WorkerCommand, Workers};
@@ -254,16 +254,15 @@ impl WasmBackend {
         warm::prepare(dir, language.clone(), |workspace, state| async move {
             let scratch = state.join(format!("wasm-{language}-{n}"));
             let started = self.start_kernel(&pack, &workspace, scratch, &Limits::default()).await?;
-            let mut kernel = started.map_err(|termination| {
+            started.map_err(|termination| {
                 WasmError::Sandbox(format!("starting a warm {language} kernel: {termination}"))
-            })?;
-            kernel.count_in(&self.live_kernels);
-            Ok(kernel)
+            })
         })
         .await
     }
 
-    /// Starts a kernel of `pack` in a worker process, or here when there are none.
+    /// Starts a kernel of `pack` in a worker process, or here when there are none; it counts
+    /// among the live kernels while it exists.
     async fn start_kernel(
         &self,
         pack: &LoadedPack,
@@ -271,18 +270,19 @@ impl WasmBackend {
         scratch: PathBuf,
         limits: &Limits,
     ) -> Result<Result<HostedKernel, soulbox_runtime::Termination>, WasmError> {
-        Ok(match &self.workers {
+        let place = match &self.workers {
             Some(workers) => workers
                 .start(pack.language(), workspace, scratch, limits)
                 .await?
-                .map(HostedKernel::InWorker),
+                .map(KernelPlace::InWorker),
             None => {
                 let driver = pack.record.spec.driver;
                 Kernel::start(&pack.image, driver, &pack.dir, workspace, scratch, limits)
                     .await?
-                    .map(HostedKernel::InProcess)
+                    .map(KernelPlace::InProcess)
             }
-        })
+        };
+        Ok(place.map(|place| HostedKernel::new(place, &self.live_kernels)))
     }
 
     /// The process ids of the worker processes running now (none when kernels run here).
@@ -405,8 +405,7 @@ impl WasmBackend {
                 let started =
                     self.start_kernel(&pack, sandbox.workspace(), scratch, &request.limits).await?;
                 match started {
-                    Ok(mut kernel) => {
-                        kernel.count_in(&self.live_kernels);
+                    Ok(kernel) => {
                         let key = (sandbox.id().clone(), language.clone(), request.context.clone());
                         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
                         memory.insert(key, kernel.memory_gauge());

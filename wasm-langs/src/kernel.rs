@@ -173,8 +173,6 @@ pub(crate) struct Kernel {
     output: CellOutput,
     scratch: Option<ScratchDir>,
     cells_run: u64,
-    /// Counts it among the live kernels of its backend while it exists.
-    counted: Option<Counted>,
 }
 
 /// One among a count of live things, for as long as it lives.
@@ -236,11 +234,6 @@ impl Kernel {
         }
     }
 
-    /// Counts it in `count` while it lives.
-    pub(crate) fn count_in(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
-        self.counted = Some(Counted::new(count));
-    }
-
     /// The size of its memory, readable while it runs.
     pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
         self.store.data().limiter.size_gauge()
@@ -286,16 +279,7 @@ impl Kernel {
         let state = driver.attach(&mut store, &instance).await.map_err(|e| {
             WasmError::Sandbox(format!("attaching to the {driver:?} kernel: {e:#}"))
         })?;
-        Ok(Ok(Self {
-            store,
-            instance,
-            driver,
-            state,
-            output,
-            scratch,
-            cells_run: 0,
-            counted: None,
-        }))
+        Ok(Ok(Self { store, instance, driver, state, output, scratch, cells_run: 0 }))
     }
 
     /// Runs one cell under `limits`, streaming its output and results to `events`.
@@ -341,36 +325,39 @@ impl Kernel {
     }
 }
 
-/// A kernel where it runs: on this process's threads, or in a worker process
-/// ([`crate::worker`]).
+/// A kernel of a backend, where it runs (on this process's threads, or in a worker process,
+/// [`crate::worker`]), counted among the backend's live kernels while it exists.
 #[derive(Debug)]
-pub(crate) enum HostedKernel {
+pub(crate) struct HostedKernel {
+    place: KernelPlace,
+    _counted: Counted,
+}
+
+#[derive(Debug)]
+pub(crate) enum KernelPlace {
     InProcess(Kernel),
     InWorker(crate::worker::RemoteKernel),
 }
 
 impl HostedKernel {
-    /// See [`Kernel::moved`].
-    pub(crate) fn moved(&mut self, from: &Path, to: &Path) {
-        match self {
-            Self::InProcess(kernel) => kernel.moved(from, to),
-            Self::InWorker(kernel) => kernel.moved(from, to),
-        }
+    /// `place`'s kernel, counted in `live` while it exists.
+    pub(crate) fn new(place: KernelPlace, live: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Self { place, _counted: Counted::new(live) }
     }
 
-    /// See [`Kernel::count_in`].
-    pub(crate) fn count_in(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
-        match self {
-            Self::InProcess(kernel) => kernel.count_in(count),
-            Self::InWorker(kernel) => kernel.count_in(count),
+    /// See [`Kernel::moved`].
+    pub(crate) fn moved(&mut self, from: &Path, to: &Path) {
+        match &mut self.place {
+            KernelPlace::InProcess(kernel) => kernel.moved(from, to),
+            KernelPlace::InWorker(kernel) => kernel.moved(from, to),
         }
     }
 
     /// See [`Kernel::memory_gauge`] (a worker's kernel reports it after each cell).
     pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
-        match self {
-            Self::InProcess(kernel) => kernel.memory_gauge(),
-            Self::InWorker(kernel) => kernel.memory_gauge(),
+        match &self.place {
+            KernelPlace::InProcess(kernel) => kernel.memory_gauge(),
+            KernelPlace::InWorker(kernel) => kernel.memory_gauge(),
         }
     }
 
@@ -382,9 +369,9 @@ impl HostedKernel {
         limits: &Limits,
         events: &EventSink,
     ) -> CellEnd {
-        match self {
-            Self::InProcess(kernel) => kernel.run_cell(code, env, limits, events).await,
-            Self::InWorker(kernel) => kernel.run_cell(code, env, limits, events).await,
+        match &mut self.place {
+            KernelPlace::InProcess(kernel) => kernel.run_cell(code, env, limits, events).await,
+            KernelPlace::InWorker(kernel) => kernel.run_cell(code, env, limits, events).await,
         }
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::WasmError;
 use crate::backend::WasmBackend;
 use crate::engine::EngineSettings;
-use crate::kernel::{CellEnd, Counted, Kernel};
+use crate::kernel::{CellEnd, Kernel};
 
 /// The largest frame either side accepts (a cell's source is at most a few MiB).
 const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -133,20 +133,23 @@ impl Frame {
                 format!("a frame of {len} bytes"),
             ));
         }
-        let mut frame = vec![0; len];
-        from.read_exact(&mut frame).await?;
-        let kind = frame.remove(0);
-        let output = |stream| -> std::io::Result<Self> {
-            let (id, bytes) = frame.split_at_checked(8).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "a short output frame")
-            })?;
-            let kernel = u64::from_be_bytes(id.try_into().unwrap_or_default());
-            Ok(Self::Output { kernel, stream, bytes: Bytes::copy_from_slice(bytes) })
+        let kind = from.read_u8().await?;
+        let mut body = vec![0; len - 1];
+        from.read_exact(&mut body).await?;
+        let output = |stream, body: Vec<u8>| -> std::io::Result<Self> {
+            if body.len() < 8 {
+                let short = "a short output frame";
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, short));
+            }
+            let mut bytes = Bytes::from(body);
+            let id = bytes.split_to(8);
+            let kernel = u64::from_be_bytes(id.as_ref().try_into().unwrap_or_default());
+            Ok(Self::Output { kernel, stream, bytes })
         };
         match kind {
-            FRAME_JSON => Ok(Some(Self::Json(frame))),
-            FRAME_STDOUT => output(OutputStream::Stdout).map(Some),
-            FRAME_STDERR => output(OutputStream::Stderr).map(Some),
+            FRAME_JSON => Ok(Some(Self::Json(body))),
+            FRAME_STDOUT => output(OutputStream::Stdout, body).map(Some),
+            FRAME_STDERR => output(OutputStream::Stderr, body).map(Some),
             other => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("a frame of unknown kind {other}"),
@@ -506,7 +509,8 @@ fn route(frame: Frame, routes: &Routes) {
 }
 
 /// The worker processes of a server. Workers start on first use and are replaced when they
-/// die; dropping this ends them.
+/// die. Dropping this ends them: each worker's writer shuts its socket when its last sender
+/// goes, the worker exits at that end of its input, and `kill_on_drop` ends one that does not.
 #[derive(Debug)]
 pub struct Workers {
     command: WorkerCommand,
@@ -554,15 +558,14 @@ impl Workers {
     ) -> Result<Result<RemoteKernel, Termination>, WasmError> {
         let worker = self.least_loaded()?;
         let id = self.next_kernel.fetch_add(1, Ordering::Relaxed);
-        let (to_kernel, mut incoming) = mpsc::unbounded_channel();
+        let (to_kernel, incoming) = mpsc::unbounded_channel();
         match lock_routes(&worker.routes).as_mut() {
             Some(routes) => routes.insert(id, to_kernel),
             None => return Err(WasmError::Sandbox(WORKER_ENDED_AT_START.into())),
         };
         worker.kernels.fetch_add(1, Ordering::Relaxed);
         // From here on, dropping the kernel tells the worker and frees its place.
-        let mut kernel =
-            RemoteKernel { id, worker, incoming: None, memory: Arc::default(), counted: None };
+        let mut kernel = RemoteKernel { id, worker, incoming, memory: Arc::default() };
         kernel.worker.send(&Request::Start {
             kernel: id,
             language: language.clone(),
@@ -570,7 +573,7 @@ impl Workers {
             scratch,
             limits: *limits,
         });
-        let Ok(started) = tokio::time::timeout(START_TIMEOUT, incoming.recv()).await else {
+        let Ok(started) = tokio::time::timeout(START_TIMEOUT, kernel.incoming.recv()).await else {
             return Err(WasmError::Sandbox(format!(
                 "a WASM worker did not start a kernel within {START_TIMEOUT:?}"
             )));
@@ -578,7 +581,6 @@ impl Workers {
         match started {
             Some(Incoming::Started(StartOutcome::Ready { memory_bytes })) => {
                 kernel.memory.store(memory_bytes, Ordering::Relaxed);
-                kernel.incoming = Some(incoming);
                 Ok(Ok(kernel))
             }
             Some(Incoming::Started(StartOutcome::Stopped(termination))) => Ok(Err(termination)),
@@ -593,33 +595,19 @@ impl Workers {
     }
 }
 
-impl Drop for Workers {
-    fn drop(&mut self) {
-        // Each worker's writer shuts its socket when its last sender goes; the worker exits at
-        // that end of input, and `kill_on_drop` ends one that does not.
-        self.workers.lock().unwrap_or_else(PoisonError::into_inner).clear();
-    }
-}
-
 /// A kernel living in a worker process.
 #[derive(Debug)]
 pub(crate) struct RemoteKernel {
     id: u64,
     worker: Arc<Worker>,
-    incoming: Option<mpsc::UnboundedReceiver<Incoming>>,
+    incoming: mpsc::UnboundedReceiver<Incoming>,
     memory: Arc<AtomicU64>,
-    counted: Option<Counted>,
 }
 
 impl RemoteKernel {
     /// Its memory size as of its last start or cell.
     pub(crate) fn memory_gauge(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.memory)
-    }
-
-    /// Counts it in `count` while it lives.
-    pub(crate) fn count_in(&mut self, count: &Arc<AtomicUsize>) {
-        self.counted = Some(Counted::new(count));
     }
 
     /// Follows its directory's move (see [`Kernel::moved`]).
@@ -643,9 +631,6 @@ impl RemoteKernel {
             termination: Termination::Crashed { reason: reason.to_owned() },
             reusable: false,
         };
-        let Some(incoming) = self.incoming.as_mut() else {
-            return lost(WORKER_GONE);
-        };
         self.worker.send(&Request::Cell {
             kernel: self.id,
             code: code.to_owned(),
@@ -654,7 +639,7 @@ impl RemoteKernel {
         });
         let deadline = tokio::time::Instant::now() + limits.wall_timeout + CELL_GRACE;
         loop {
-            match tokio::time::timeout_at(deadline, incoming.recv()).await {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
                 Ok(Some(Incoming::Event(event))) => events.send(event),
                 Ok(Some(Incoming::CellEnd { termination, reusable, memory_bytes })) => {
                     self.memory.store(memory_bytes, Ordering::Relaxed);
